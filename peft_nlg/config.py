@@ -1,0 +1,125 @@
+"""Run configuration: typed fields, per-task and per-method defaults from YAML, command-line overrides.
+
+Precedence, lowest first: the field defaults below, ``defaults/tasks.yaml[task]``,
+``defaults/methods.yaml[method]``, a ``--preset``, then whatever the command line sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peft_nlg.methods import get_method
+from peft_nlg.models import EMBEDDED_MODEL
+from peft_nlg.tasks import get_task
+
+
+@dataclass
+class RunConfig:
+    # what
+    task: str = "translation"
+    method: str = "lora"
+    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "model id or local path"})
+    method_options: dict = field(default_factory=dict, metadata={"help": "peft config options, k=v,k=v"})
+    data_dir: str = "data"
+    output_dir: str = field(default="", metadata={"help": "default: runs/<task>/<method>"})
+    seed: int = 0
+    # training
+    epochs: float = 3.0
+    max_steps: int = field(default=0, metadata={"help": "train this many optimizer steps (0: --epochs decides)"})
+    train_token_budget: int = field(default=0, metadata={"help": "stop after this many real tokens (0: no limit)"})
+    train_examples: int = field(default=0, metadata={"help": "use a fixed random subset of the train split (0: all)"})
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch"})
+    max_batch_size: int = 64
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"})
+    gradient_checkpointing: bool = False
+    eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
+    patience: int = field(default=3, metadata={"help": "early stopping: validations without improvement"})
+    max_valid_examples: int = 500
+    max_source_tokens: int = 256
+    max_target_tokens: int = 128
+    # test / inference
+    search: str = field(default="greedy", metadata={"help": "greedy or beam"})
+    num_beams: int = 4
+    max_new_tokens: int = field(default=0, metadata={"help": "0: the task's default"})
+    max_test_examples: int = field(default=0, metadata={"help": "score only the first N test examples (0: all)"})
+    test_file: str = field(default="", metadata={"help": "score this JSONL of src/trg instead of the test split"})
+    gen_batch_tokens: int = field(default=16384, metadata={"help": "padded prompt tokens per generation batch"})
+    gen_max_batch_size: int = 64
+    # housekeeping
+    overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})
+    trust_remote_code: bool = False
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.task / self.method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # the original study's model per task (data: `peft-nlg setup --source hub`)
+    "original": lambda task: {"model": get_task(task).original_model},
+}
+
+
+def _yaml_defaults(name: str) -> dict:
+    text = resources.files("peft_nlg").joinpath("defaults", name).read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(RunConfig)}
+
+
+def _check_keys(values: dict, where: str) -> None:
+    unknown = set(values) - field_names()
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+
+
+def build_config(overrides: dict[str, Any], preset: str | None = None) -> RunConfig:
+    """Resolve a run configuration from the layered defaults and the given overrides."""
+    task = overrides.get("task", RunConfig.task)
+    method = get_method(overrides.get("method", RunConfig.method)).name
+    get_task(task)  # fail early on an unknown task
+    merged: dict[str, Any] = {}
+    for where, layer in ((f"defaults/tasks.yaml:{task}", _yaml_defaults("tasks.yaml").get(task, {})),
+                         (f"defaults/methods.yaml:{method}", _yaml_defaults("methods.yaml").get(method, {}))):
+        _check_keys(layer, where)
+        for key, value in layer.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; choose from {', '.join(PRESETS)}")
+        merged.update(PRESETS[preset](task))
+    _check_keys(overrides, "command line")
+    for key, value in overrides.items():
+        merged[key] = {**merged.get(key, {}), **value} if key == "method_options" else value
+    merged.update(task=task, method=method)
+    return RunConfig(**merged)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    from peft_nlg.data.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def load_config_file(path: Path) -> RunConfig:
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    _check_keys(values, str(path))
+    return RunConfig(**values)

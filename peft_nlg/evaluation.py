@@ -1,0 +1,135 @@
+"""Test and inference modes: load the trained model, generate, score, write one record per run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from peft_nlg.config import RunConfig, load_config_file
+from peft_nlg.data.io import read_pairs, write_json, write_jsonl
+from peft_nlg.data.splits import fingerprint
+from peft_nlg.generation import DecodingSettings, generate
+from peft_nlg.models import count_parameters
+from peft_nlg.runtime import (
+    Loaded,
+    compute_dtype,
+    device,
+    dir_size_bytes,
+    hardware,
+    load_base,
+    load_trained,
+    now_iso,
+    package_versions,
+    peak_memory_gb,
+    read_json,
+    reset_peak_memory,
+)
+from peft_nlg.tasks import get_task
+from peft_nlg.training import RunExistsError, split_path
+
+ZERO_SHOT = "zero_shot"
+
+
+def trained_config(config: RunConfig) -> RunConfig:
+    """The training run's configuration with this command's decoding and test settings on top."""
+    saved_path = config.out / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"{saved_path}: no training run here; run `peft-nlg train` first "
+                                "(or pass --output-dir of a trained run)")
+    saved = load_config_file(saved_path)
+    for name in ("search", "num_beams", "max_new_tokens", "max_test_examples", "test_file", "gen_batch_tokens",
+                 "gen_max_batch_size", "overwrite", "data_dir", "threads"):
+        setattr(saved, name, getattr(config, name))
+    return saved
+
+
+def decoding(config: RunConfig) -> DecodingSettings:
+    return DecodingSettings(search=config.search, num_beams=config.num_beams,
+                            max_new_tokens=config.max_new_tokens or get_task(config.task).max_new_tokens,
+                            batch_tokens=config.gen_batch_tokens, max_batch_size=config.gen_max_batch_size)
+
+
+def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object, object]:
+    import torch
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dev = device()
+    if not zero_shot:
+        config = trained_config(config)
+    dtype = compute_dtype(config, dev)
+    loaded = load_base(config, dev, dtype) if zero_shot else load_trained(config.out, config, dev, dtype)
+    return config, loaded, dev, dtype
+
+
+def test(config: RunConfig, zero_shot: bool = False) -> dict:
+    """Generate for the test split (or --test-file), score it, write predictions and a record."""
+    config, loaded, dev, dtype = _load(config, zero_shot)
+    settings = decoding(config)
+    out = config.out
+    name = f"{'test' if not config.test_file else Path(config.test_file).stem}-{settings.search}"
+    record_path, predictions_path = out / f"record-{name}.json", out / f"predictions-{name}.jsonl"
+    if record_path.exists() and not config.overwrite:
+        raise RunExistsError(f"{record_path}: exists; pass --overwrite to replace it")
+    test_path = Path(config.test_file) if config.test_file else split_path(config, "test")
+    examples = read_pairs(test_path)
+    if config.max_test_examples:
+        examples = examples[: config.max_test_examples]
+
+    reset_peak_memory(dev)
+    predictions, speed = generate(loaded.model, loaded.tokenizer, loaded.prompter, [e["src"] for e in examples],
+                                  settings, dev, dtype)
+    references = [e["trg"] for e in examples]
+    scores = loaded.task.metrics(predictions, references)
+    trainable, total = count_parameters(loaded.model)
+    train_record_path = out / "train_record.json"
+    train_record = read_json(train_record_path) if train_record_path.is_file() else {}
+    record = {
+        "kind": "test", "finished_at": now_iso(), "task": config.task,
+        "method": ZERO_SHOT if zero_shot else config.method, "model": config.model,
+        "family": loaded.family.name, "scores": scores, "main_metric": loaded.task.main_metric,
+        "decoding": settings.__dict__, "test_file": str(test_path), "test_examples": len(examples),
+        "test_fingerprint": fingerprint(examples),
+        "trainable_params": 0 if zero_shot else train_record.get("trainable_params", trainable),
+        "total_params": train_record.get("total_params", total),
+        "train": {k: train_record.get(k) for k in (
+            "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
+            "peak_memory_gb", "peak_memory_kind", "compute_dtype")} if train_record else None,
+        "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
+        "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},
+        "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
+        "config": config.to_dict(),
+        "samples": [{"src": e["src"], "ref": e["trg"], "pred": p}
+                    for e, p in zip(examples[:3], predictions[:3], strict=True)],
+    }
+    write_jsonl(predictions_path, ({"src": e["src"], "trg": e["trg"], "prediction": p}
+                                   for e, p in zip(examples, predictions, strict=True)))
+    write_json(record_path, record)
+    return record
+
+
+def inference(config: RunConfig, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """Interactive prompt on the trained model; with piped input, one output line per input line."""
+    config, loaded, dev, dtype = _load(config, zero_shot=False)
+    settings = decoding(config)
+    interactive = stdin.isatty()
+    if interactive:
+        stdout.write(f"peft-nlg {config.task} ({config.method}, {settings.search}); type 'quit' to end.\n")
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip().lower() == "quit":
+            break
+        if not text.strip():
+            if not interactive:
+                stdout.write("\n")
+            continue
+        # the model sees one input at a time here; literal "\n" lets a dialogue context span turns
+        (output,), _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [text.replace("\\n", "\n")],
+                                settings, dev, dtype, show_progress=False)
+        stdout.write(output.replace("\n", " ") + "\n")
+        stdout.flush()

@@ -1,0 +1,81 @@
+"""Summed token cross-entropy per model family, without materialising full-vocabulary logits.
+
+For decoder-only models most positions are prompt tokens that carry no loss, and the output head over a
+~50k vocabulary is a large share of the compute and nearly all of the activation memory. So the hidden
+states entering the output head are captured, the head itself is run on one position only, and the loss
+is computed on the answer positions alone, in chunks that are recomputed in the backward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from peft_nlg.formatting import IGNORE_INDEX
+
+LOSS_CHUNK_ROWS = 4096
+
+
+@contextmanager
+def _captured_head_input(model: torch.nn.Module):
+    head = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def keep_and_shrink(_module, args):
+        hidden = args[0]
+        captured.append(hidden)
+        return (hidden[:, -1:],)  # the model's own logits are not used: compute them for one position
+
+    handle = head.register_forward_pre_hook(keep_and_shrink)
+    try:
+        yield head, captured
+    finally:
+        handle.remove()
+
+
+def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                          chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, h, head.weight, head.bias, t, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(h, head.weight, head.bias, t)
+    return total
+
+
+def decoder_only_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(summed loss, number of target tokens) for a causal LM, peft-wrapped or not."""
+    labels = batch["labels"]
+    with _captured_head_input(model) as (head, captured):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = captured[-1]
+    hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]  # drop virtual prompt tokens, if any
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][mask]
+    return chunked_cross_entropy(selected, head, targets[mask]), int(mask.sum())
+
+
+def encoder_decoder_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(summed loss, number of target tokens) for a seq2seq LM; targets are short, so plain logits."""
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                   use_cache=False).logits
+    mask = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits.float()[mask], labels[mask], reduction="sum")
+    return loss, int(mask.sum())
+
+
+def summed_loss(model: torch.nn.Module, batch: dict, is_encoder_decoder: bool) -> tuple[torch.Tensor, int]:
+    return (encoder_decoder_loss if is_encoder_decoder else decoder_only_loss)(model, batch)

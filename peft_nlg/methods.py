@@ -1,0 +1,196 @@
+"""The training-method registry: one entry per method, each returning a ``peft`` config for a model.
+
+Every method-specific decision lives in this file. Defaults for each method's options come from
+``defaults/methods.yaml`` and can be overridden per run (``--method-options r=16,lora_alpha=32``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
+
+from peft_nlg.models import ModelFamily
+
+# Module names of the attention key/value projections and of the feed-forward output layer, per naming
+# scheme. peft ships IA3 defaults for T5 and Llama but none for Marian or BlenderbotSmall (BART-style
+# names), so the scheme is recognised from the layers the model actually has.
+_NAMING_SCHEMES = (
+    {"marker": "down_proj", "key_value": ["k_proj", "v_proj"], "ff_out": ["down_proj"]},  # Llama-style
+    {"marker": "fc2", "key_value": ["k_proj", "v_proj"], "ff_out": ["fc2"]},             # BART/Marian-style
+    {"marker": "wo", "key_value": ["k", "v"], "ff_out": ["wo"]},                         # T5-style
+)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    family: ModelFamily
+    model: torch.nn.Module
+    model_path: str        # prompt tuning reads its tokenizer from here for text initialisation
+    instruction: str       # task instruction, used to initialise soft prompts
+
+
+def _linear_leaf_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
+def naming_scheme(model: torch.nn.Module) -> dict:
+    names = _linear_leaf_names(model)
+    for scheme in _NAMING_SCHEMES:
+        if scheme["marker"] in names and set(scheme["key_value"]) <= names:
+            return scheme
+    raise ValueError(f"cannot find attention/feed-forward layers to adapt among {sorted(names)}; "
+                     "pass explicit target_modules in --method-options")
+
+
+def _lora(ctx: MethodContext, opts: dict) -> LoraConfig:
+    opts = dict(opts)
+    # "all-linear" = every linear layer but the output head, on any architecture
+    opts.setdefault("target_modules", "all-linear")
+    return LoraConfig(task_type=ctx.family.peft_task_type, **opts)
+
+
+def _ia3(ctx: MethodContext, opts: dict) -> IA3Config:
+    scheme = naming_scheme(ctx.model)
+    opts = dict(opts)
+    opts.setdefault("target_modules", scheme["key_value"] + scheme["ff_out"])
+    # peft requires feed-forward modules to be a subset of the targets
+    opts.setdefault("feedforward_modules", [m for m in scheme["ff_out"] if m in opts["target_modules"]])
+    return IA3Config(task_type=ctx.family.peft_task_type, **opts)
+
+
+def _prefix_tuning(ctx: MethodContext, opts: dict) -> PrefixTuningConfig:
+    return PrefixTuningConfig(task_type=ctx.family.peft_task_type, **opts)
+
+
+def _route_prompt_through_cache(model: torch.nn.Module) -> None:
+    """Make peft's prompt injection see the KV cache during ``generate`` with transformers 5.x.
+
+    transformers 5.x's ``generate`` hands the KV cache over as ``cache``; peft 0.21 looks for
+    ``past_key_values``. Left alone, peft never sees a filled cache: prefix tuning's trained prefix is
+    silently dropped ("both are set, using cache") and soft prompts are injected again at every decoding
+    step. Renaming on the way in and out lets peft see the cache it expects.
+    """
+    if getattr(model, "_peft_nlg_prefix_route", False):
+        return
+    base_prepare, peft_prepare = model.base_model_prepare_inputs_for_generation, model.prepare_inputs_for_generation
+
+    def base_with_peft_names(*args, **kwargs):
+        inputs = base_prepare(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    def peft_with_model_names(*args, **kwargs):
+        inputs = peft_prepare(*args, **kwargs)
+        if "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = base_with_peft_names
+    model.prepare_inputs_for_generation = peft_with_model_names
+    model._peft_nlg_prefix_route = True
+
+
+def _soft_prompt_generation(model: torch.nn.Module) -> None:
+    """The cache fix above, plus: left-padded rows get the same positions in ``generate`` as in training.
+
+    peft drops position ids for prompt-learning methods, so a decoder-only model numbers the
+    ``[virtual tokens][padding][prompt]`` sequence by raw index and a left-padded row's prompt lands on
+    other positions than in training (where padding goes right). Positions counted over the attention
+    mask, which includes the virtual tokens, restore the training layout.
+    """
+    _route_prompt_through_cache(model)
+    if model.get_base_model().config.is_encoder_decoder or getattr(model, "_peft_nlg_mask_positions", False):
+        return
+    peft_prepare = model.prepare_inputs_for_generation
+
+    def with_mask_positions(*args, **kwargs):
+        inputs = peft_prepare(*args, **kwargs)
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            embeds = inputs.get("inputs_embeds")
+            step = embeds if embeds is not None else inputs["input_ids"]
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = positions[:, -step.shape[1]:]
+        return inputs
+
+    model.prepare_inputs_for_generation = with_mask_positions
+    model._peft_nlg_mask_positions = True
+
+
+def _p_tuning(ctx: MethodContext, opts: dict) -> PromptEncoderConfig:
+    return PromptEncoderConfig(task_type=ctx.family.peft_task_type, **opts)
+
+
+def _prompt_tuning(ctx: MethodContext, opts: dict) -> PromptTuningConfig:
+    opts = dict(opts)
+    init = opts.pop("init", "text")
+    if init == "text":
+        # starting from the task instruction's embeddings trains faster and steadier than random vectors
+        opts.update(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=ctx.instruction,
+                    tokenizer_name_or_path=ctx.model_path)
+    return PromptTuningConfig(task_type=ctx.family.peft_task_type, **opts)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str                                   # as shown in the results table
+    summary: str                                 # one line for --help and the README
+    build: Callable[[MethodContext, dict], PeftConfig] | None  # None: train every weight
+    # which training features the method allows
+    supports_gradient_checkpointing: bool = True
+    # applied to the peft-wrapped model before it generates (version compatibility fixes)
+    prepare_for_generation: Callable[[torch.nn.Module], None] | None = None
+
+    @property
+    def is_peft(self) -> bool:
+        return self.build is not None
+
+    def peft_config(self, ctx: MethodContext, options: dict) -> PeftConfig | None:
+        return self.build(ctx, options) if self.build else None
+
+    def ready_for_generation(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.prepare_for_generation is not None:
+            self.prepare_for_generation(model)
+        return model
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("none", "Full fine-tuning", "train every weight of the model", None),
+    Method("lora", "LoRA", "low-rank updates added to every linear layer (Hu et al., 2021)", _lora),
+    Method("prefix_tuning", "Prefix Tuning",
+           "trained key/value vectors prepended in every attention layer (Li & Liang, 2021)", _prefix_tuning,
+           supports_gradient_checkpointing=False, prepare_for_generation=_route_prompt_through_cache),
+    Method("p_tuning", "P-Tuning", "virtual prompt tokens produced by a small MLP encoder (Liu et al., 2021)",
+           _p_tuning, prepare_for_generation=_soft_prompt_generation),
+    Method("prompt_tuning", "Prompt Tuning",
+           "trained soft-prompt embeddings prepended to the input (Lester et al., 2021)", _prompt_tuning,
+           prepare_for_generation=_soft_prompt_generation),
+    Method("ia3", "IA3", "learned rescaling of keys, values and feed-forward activations (Liu et al., 2022)",
+           _ia3),
+)}
+
+# command-line spellings of the original study
+ALIASES = {"vanilla": "none", "full": "none", "ptuning": "p_tuning", "prefix": "prefix_tuning",
+           "prompt": "prompt_tuning"}
+
+
+def get_method(name: str) -> Method:
+    key = name.strip().lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    return METHODS[key]

@@ -1,0 +1,179 @@
+"""Everything a run shares between train, test and inference: device, precision, loading the pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_nlg.config import RunConfig
+from peft_nlg.formatting import Prompter
+from peft_nlg.methods import Method, MethodContext, get_method
+from peft_nlg.models import (
+    ModelFamily,
+    family_of,
+    freeze_fixed_tables,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from peft_nlg.tasks import get_task
+from peft_nlg.tasks.base import Task
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def compute_dtype(config: RunConfig, dev: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (autocast over fp32 trainable weights), else fp32."""
+    if config.precision == "fp32":
+        return torch.float32
+    if config.precision == "bf16":
+        return torch.bfloat16
+    if config.precision != "auto":
+        raise ValueError(f"precision must be auto, bf16 or fp32, not '{config.precision}'")
+    return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def base_weight_dtype(method: Method, dtype: torch.dtype) -> torch.dtype:
+    # frozen weights never see an optimizer, so with PEFT they can live in the compute dtype;
+    # full fine-tuning keeps fp32 master weights
+    return dtype if method.is_peft else torch.float32
+
+
+@dataclass
+class Loaded:
+    task: Task
+    method: Method
+    family: ModelFamily
+    model_path: str
+    model: torch.nn.Module
+    tokenizer: object
+    prompter: Prompter
+
+
+def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
+    task, method = get_task(config.task), get_method(config.method)
+    model_path = resolve_model_path(config.model)
+    model_config = load_config(model_path, config.trust_remote_code)
+    family = family_of(model_config)
+    tokenizer = load_tokenizer(model_path, family, config.trust_remote_code)
+    model = load_model(model_path, family, base_weight_dtype(method, dtype), config.trust_remote_code)
+    freeze_fixed_tables(model)
+    peft_config = method.peft_config(MethodContext(family, model, model_path, task.instruction),
+                                     config.method_options)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # trainable weights stay fp32 for the optimizer
+        method.ready_for_generation(model)
+    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
+                               config.max_target_tokens)
+    return Loaded(task, method, family, model_path, model.to(dev), tokenizer, prompter)
+
+
+def load_trained(run_dir: Path, config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
+    """Load a finished run's model: an adapter over its base model, or a fully fine-tuned model."""
+    model_dir = run_dir / "model"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no trained model; run `peft-nlg train` first")
+    task, method = get_task(config.task), get_method(config.method)
+    is_adapter = (model_dir / ADAPTER_CONFIG).is_file()
+    model_path = resolve_model_path(config.model) if is_adapter else str(model_dir)
+    model_config = load_config(model_path, config.trust_remote_code)
+    family = family_of(model_config)
+    tokenizer = load_tokenizer(str(model_dir), family, config.trust_remote_code)
+    weights_dtype = dtype if dev.type == "cuda" else torch.float32
+    model = load_model(model_path, family, weights_dtype, config.trust_remote_code)
+    if is_adapter:
+        model = method.ready_for_generation(PeftModel.from_pretrained(model, str(model_dir)))
+    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
+                               config.max_target_tokens)
+    return Loaded(task, method, family, model_path, model.to(dev).eval(), tokenizer, prompter)
+
+
+def load_base(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
+    """The untrained base model (the zero-shot floor)."""
+    task, method = get_task(config.task), get_method("none")
+    model_path = resolve_model_path(config.model)
+    model_config = load_config(model_path, config.trust_remote_code)
+    family = family_of(model_config)
+    tokenizer = load_tokenizer(model_path, family, config.trust_remote_code)
+    model = load_model(model_path, family, dtype if dev.type == "cuda" else torch.float32,
+                       config.trust_remote_code)
+    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
+                               config.max_target_tokens)
+    return Loaded(task, method, family, model_path, model.to(dev).eval(), tokenizer, prompter)
+
+
+def peak_memory_gb(dev: torch.device) -> dict:
+    if dev.type == "cuda":
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3),
+                "peak_memory_kind": "cuda max allocated"}
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_gb": round(rss_kb / 2**20, 3), "peak_memory_kind": "process max RSS (CPU)"}
+
+
+def reset_peak_memory(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def synchronize(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def hardware(dev: torch.device) -> dict:
+    info = {"device": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def package_versions() -> dict:
+    names = ["torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "rouge-score"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def dir_size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

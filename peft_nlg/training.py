@@ -1,0 +1,273 @@
+"""Training, top to bottom: load, encode, batch, optimise, validate, keep the best, resume when asked.
+
+Runs on one CPU or GPU as is, and under ``accelerate launch`` / ``torchrun`` through ``Accelerator``.
+Outputs in the run directory:
+  config.yaml            the effective configuration
+  model/                 the best checkpoint in ``save_pretrained`` layout (adapter, or full model)
+  checkpoint/            the latest state for ``--resume`` (weights, optimizer, progress)
+  logs/                  TensorBoard event files
+  train_record.json      parameters, time, tokens/s, peak memory, losses
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from peft_nlg.batching import collate, real_tokens, token_budget_batches
+from peft_nlg.config import RunConfig, save_config
+from peft_nlg.data.io import read_pairs, write_json
+from peft_nlg.loss import summed_loss
+from peft_nlg.models import count_parameters
+from peft_nlg.runtime import (
+    compute_dtype,
+    dir_size_bytes,
+    hardware,
+    load_for_training,
+    now_iso,
+    package_versions,
+    peak_memory_gb,
+    reset_peak_memory,
+    set_seed,
+    synchronize,
+)
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+def split_path(config: RunConfig, split: str) -> Path:
+    return Path(config.data_dir) / config.task / f"{split}.jsonl"
+
+
+def subset(examples: list[dict], n: int, seed: int) -> list[dict]:
+    """A fixed random subset, the same for every method (the data-size ladder)."""
+    if not n or n >= len(examples):
+        return examples
+    generator = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(examples), generator=generator)[:n].tolist())
+    return [examples[i] for i in keep]
+
+
+def _prepare_run_dir(config: RunConfig) -> bool:
+    """Create the run directory; returns True when resuming. Never replaces results silently."""
+    out = config.out
+    has_results = (out / "model").exists() or (out / "checkpoint").exists()
+    if has_results and config.resume:
+        return (out / "checkpoint" / "state.json").is_file()
+    if has_results and not config.overwrite:
+        raise RunExistsError(f"{out}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
+    if has_results:
+        for name in ("model", "checkpoint", "logs", "train_record.json"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> None:
+    """Latest state for resuming: trainable weights (safetensors), optimizer tensors, progress."""
+    tmp = out / "checkpoint.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    # optimizer state holds only tensors and numbers; read back with weights_only=True (no pickled code)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final = out / "checkpoint"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _load_checkpoint(out: Path, model, optimizer, scheduler) -> dict:
+    ckpt = out / "checkpoint"
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device))
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _save_best(out: Path, model, tokenizer) -> None:
+    tmp, final = out / "model.partial", out / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+@torch.no_grad()
+def validation_loss(model, batches, is_encoder_decoder: bool, accelerator: Accelerator) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with accelerator.autocast():
+            loss, n = summed_loss(model, batch, is_encoder_decoder)
+        total, count = total + float(loss), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def train(config: RunConfig) -> dict:
+    set_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    resuming = _prepare_run_dir(config)
+    out = config.out
+    save_config(config, out / "config.yaml")
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dev = accelerator.device
+    dtype = compute_dtype(config, dev)
+    loaded = load_for_training(config, dev, dtype)
+    model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+    if config.gradient_checkpointing and loaded.method.supports_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+
+    # data: encode once, then cut length-grouped batches under the token budget
+    train_examples = subset(read_pairs(split_path(config, "train")), config.train_examples, config.seed)
+    valid_examples = read_pairs(split_path(config, "valid"))[: config.max_valid_examples]
+    train_features = [loaded.prompter.encode(e) for e in train_examples]
+    valid_features = [loaded.prompter.encode(e) for e in valid_examples]
+
+    def lengths(features):
+        return [len(f["input_ids"]) + (len(f["labels"]) if family.is_encoder_decoder else 0) for f in features]
+
+    def to_batches(features, indices):
+        return [{k: v.to(dev) for k, v in collate([features[i] for i in idx], tokenizer.pad_token_id).items()}
+                for idx in indices]
+
+    valid_batches = to_batches(valid_features, token_budget_batches(
+        lengths(valid_features), config.batch_tokens, config.max_batch_size))
+    epoch_plan = lambda epoch: token_budget_batches(  # noqa: E731 - seeded per epoch, so resumable
+        lengths(train_features), config.batch_tokens, config.max_batch_size, shuffle=True, seed=config.seed + epoch)
+    steps_per_epoch = math.ceil(len(epoch_plan(0)) / config.grad_accum)
+    total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
+    eval_every = config.eval_every or steps_per_epoch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, fused=dev.type == "cuda")
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "best_valid_loss": None,
+             "bad_validations": 0, "train_seconds": 0.0, "history": []}
+    if resuming:
+        state = _load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
+        accelerator.print(f"resuming {out} at step {state['step']}")
+
+    writer = None
+    if config.report_to == "tensorboard" and accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "logs"))
+
+    reset_peak_memory(dev)
+    model.train()
+    progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {config.task}/{config.method}",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    stop = state["step"] >= total_steps
+    window_loss, window_count = 0.0, 0
+    while not stop:
+        plan = epoch_plan(state["epoch"])
+        steps = [plan[i:i + config.grad_accum] for i in range(0, len(plan), config.grad_accum)]
+        for step_batches in steps[state["batch_in_epoch"]:]:
+            synchronize(dev)
+            started = time.perf_counter()
+            batches = to_batches(train_features, step_batches)
+            n_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                with accelerator.autocast():
+                    loss, _ = summed_loss(model, batch, family.is_encoder_decoder)
+                accelerator.backward(loss / n_targets)  # mean over every target token in the step
+                step_loss += float(loss.detach())
+                state["tokens"] += real_tokens(batch, family.is_encoder_decoder)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(dev)
+            state["train_seconds"] += time.perf_counter() - started
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            window_loss, window_count = window_loss + step_loss, window_count + n_targets
+            progress.update(1)
+            if writer and state["step"] % 10 == 0:
+                writer.add_scalar("train/loss", window_loss / window_count, state["step"])
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
+                writer.add_scalar("train/tokens_per_s", state["tokens"] / state["train_seconds"], state["step"])
+            progress.set_postfix(loss=f"{step_loss / n_targets:.3f}")
+            budget_spent = config.train_token_budget and state["tokens"] >= config.train_token_budget
+            stop = state["step"] >= total_steps or bool(budget_spent)
+            if state["step"] % eval_every == 0 or stop:
+                vloss = validation_loss(model, valid_batches, family.is_encoder_decoder, accelerator)
+                train_loss = window_loss / max(window_count, 1)
+                window_loss, window_count = 0.0, 0
+                state["history"].append({"step": state["step"], "train_loss": round(train_loss, 4),
+                                         "valid_loss": round(vloss, 4), "tokens": state["tokens"]})
+                if writer:
+                    writer.add_scalar("valid/loss", vloss, state["step"])
+                improved = state["best_valid_loss"] is None or vloss < state["best_valid_loss"]
+                if improved:
+                    state["best_valid_loss"], state["best_step"], state["bad_validations"] = vloss, state["step"], 0
+                    if accelerator.is_main_process:
+                        _save_best(out, accelerator.unwrap_model(model), tokenizer)
+                else:
+                    state["bad_validations"] += 1
+                    stop = stop or state["bad_validations"] >= config.patience
+                tqdm.write(f"step {state['step']}: train loss {train_loss:.4f}, valid loss {vloss:.4f}"
+                           + ("" if improved else f" (no improvement {state['bad_validations']}/{config.patience})"))
+                if accelerator.is_main_process:
+                    _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
+            if stop:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.close()
+    if writer:
+        writer.close()
+
+    record = {
+        "kind": "train", "finished_at": now_iso(), "task": config.task, "method": config.method,
+        "model": config.model, "family": family.name,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "steps": state["step"], "epochs_done": state["epoch"] + state["batch_in_epoch"] / max(1, len(steps)),
+        "train_examples": len(train_examples), "train_tokens": state["tokens"],
+        "train_seconds": round(state["train_seconds"], 2),
+        "train_tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
+        "best_valid_loss": state["best_valid_loss"], "best_step": state.get("best_step"),
+        "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
+        **peak_memory_gb(dev),
+        "model_size_bytes": dir_size_bytes(out / "model"),
+        "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
+    }
+    if accelerator.is_main_process:
+        write_json(out / "train_record.json", record)
+    return record

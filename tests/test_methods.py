@@ -1,0 +1,159 @@
+"""Every method on every architecture: training lowers the loss, saved results reload with stock peft
+to identical logits, and greedy / beam generation work on padded batches."""
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import ARCHITECTURES
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from peft_nlg.batching import collate
+from peft_nlg.config import build_config
+from peft_nlg.generation import DecodingSettings, generate
+from peft_nlg.loss import summed_loss
+from peft_nlg.methods import METHODS
+from peft_nlg.runtime import load_for_training
+
+SOURCES = ["Where is the station?", "The cat sits on the mat and looks at the dog in the garden.", "Hi"]
+PAIRS = [{"src": "The cat sits on the mat.", "trg": "Die Katze sitzt auf der Matte."},
+         {"src": "Where is the station?", "trg": "Wo ist der Bahnhof?"},
+         {"src": "How are you today? I hope well.", "trg": "Wie geht es dir?"}]
+# learning rates that move each method visibly in a few steps on a random tiny model
+FAST_LR = {"none": 3e-3, "lora": 1e-2, "prefix_tuning": 1e-1, "p_tuning": 3e-3, "prompt_tuning": 1e-1,
+           "ia3": 1e-1}
+CPU = torch.device("cpu")
+
+
+def _loaded(model_dir, method, task="translation"):
+    config = build_config({"task": task, "method": method, "model": str(model_dir)})
+    return load_for_training(config, CPU, torch.float32)
+
+
+def _batch(loaded):
+    return collate([loaded.prompter.encode(p) for p in PAIRS], loaded.tokenizer.pad_token_id)
+
+
+def _train_steps(loaded, method, steps=12):
+    model, batch = loaded.model, _batch(loaded)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=FAST_LR[method])
+    losses = []
+    for _ in range(steps):
+        loss, n = summed_loss(model, batch, loaded.family.is_encoder_decoder)
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()) / n)
+    return losses
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_training_lowers_loss_and_reloads_with_stock_peft(tiny_models, tmp_path, arch, method):
+    torch.manual_seed(0)
+    loaded = _loaded(tiny_models[arch], method)
+    losses = _train_steps(loaded, method)
+    assert losses[-1] < losses[0] - 0.2, losses
+
+    model = loaded.model.eval()
+    batch = _batch(loaded)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "saved")
+    auto = AutoModelForSeq2SeqLM if loaded.family.is_encoder_decoder else AutoModelForCausalLM
+    if loaded.method.is_peft:
+        assert (tmp_path / "saved" / "adapter_config.json").is_file()
+        reloaded = PeftModel.from_pretrained(auto.from_pretrained(tiny_models[arch]), tmp_path / "saved")
+    else:
+        reloaded = auto.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        actual = reloaded.eval()(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _perturb_trainable(model, scale=0.3):
+    """Move every trained weight away from its (often identity) initialisation, reproducibly."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generate_uses_the_adapter_as_training_did(tiny_models, arch, method):
+    """The first generated token's logits equal the training-style forward pass, and differ from the base."""
+    torch.manual_seed(0)
+    loaded = _loaded(tiny_models[arch], method)
+    _perturb_trainable(loaded.model)
+    model = loaded.model.eval()
+    prompt = torch.tensor([loaded.prompter.prompt_ids(SOURCES[0])])
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        generated = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        first_step = generated.logits[0]
+        if loaded.family.is_encoder_decoder:
+            start = torch.tensor([[model.get_base_model().config.decoder_start_token_id]])
+            forward = model(input_ids=prompt, attention_mask=mask, decoder_input_ids=start).logits[:, -1]
+        else:
+            forward = model(input_ids=prompt, attention_mask=mask).logits[:, -1]
+        with model.disable_adapter():
+            base = model(input_ids=prompt, attention_mask=mask,
+                         **({"decoder_input_ids": start} if loaded.family.is_encoder_decoder else {})).logits[:, -1]
+    torch.testing.assert_close(first_step, forward, rtol=1e-4, atol=1e-4)
+    assert (forward - base).abs().max() > 1e-3
+
+
+def _greedy_with_logits(loaded, prompts):
+    batch = collate([{"input_ids": p} for p in prompts], loaded.tokenizer.pad_token_id,
+                    loaded.family.padding_side)
+    out = loaded.model.generate(**batch, do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                                output_logits=True, return_dict_in_generate=True,
+                                eos_token_id=loaded.tokenizer.eos_token_id, pad_token_id=loaded.tokenizer.pad_token_id)
+    return torch.stack(out.logits, dim=1)  # (batch, step, vocab)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padded_batch_generation_scores_like_one_by_one(tiny_models, arch, method):
+    """Every decoding step of a padded batch gives each row the logits it gets alone.
+
+    Rows may only part ways where two candidate tokens were tied to within float noise."""
+    torch.manual_seed(0)
+    loaded = _loaded(tiny_models[arch], method)
+    _perturb_trainable(loaded.model)
+    loaded.model.eval()
+    prompts = [loaded.prompter.prompt_ids(s) for s in SOURCES]
+    assert len({len(p) for p in prompts}) == len(prompts)  # really padded
+    with torch.no_grad():
+        batched = _greedy_with_logits(loaded, prompts)
+        for row, prompt in enumerate(prompts):
+            single = _greedy_with_logits(loaded, [prompt])[0]
+            for step in range(single.shape[0]):
+                torch.testing.assert_close(batched[row, step], single[step], rtol=1e-4, atol=1e-4)
+                top2 = single[step].topk(2).values
+                if batched[row, step].argmax() != single[step].argmax():
+                    assert top2[0] - top2[1] < 1e-4  # a tie broken differently; later steps differ by design
+                    break
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generate_returns_text_per_input_in_order(tiny_models, arch, method, search):
+    torch.manual_seed(0)
+    loaded = _loaded(tiny_models[arch], method)
+    _perturb_trainable(loaded.model)
+    # min_new_tokens: a random model may stop at once, and empty outputs would prove nothing
+    settings = DecodingSettings(search=search, num_beams=3, max_new_tokens=8, min_new_tokens=4)
+    batched, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, settings, CPU,
+                              show_progress=False)
+    assert stats["batches"] == 1 and len(batched) == len(SOURCES)
+    assert stats["new_tokens"] >= 4 * len(SOURCES)
+    assert all(isinstance(t, str) and t for t in batched)
+    if arch == "llama":  # left padding is where order and alignment go wrong; no ties seen here
+        single = [generate(loaded.model, loaded.tokenizer, loaded.prompter, [s], settings, CPU,
+                           show_progress=False)[0][0] for s in SOURCES]
+        assert batched == single
