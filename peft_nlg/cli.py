@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (train, test, infer):
         p.set_defaults(_config_command=True)
     report = sub.add_parser("report", help="tables and plots from run records")
-    report.add_argument("--runs-dir", default="runs")
+    report.add_argument("--records", default="results", help="folder of committed run records")
+    report.add_argument("--readme", default="README.md")
     report.add_argument("--check", action="store_true", help="fail if the README table is out of date")
     return parser
 
@@ -116,7 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _setup(args)
     if args.command == "report":
         from peft_nlg.report import report
-        return report(Path(args.runs_dir), check=args.check)
+        return report(Path(args.records), check=args.check, readme=Path(args.readme))
     overrides = _overrides(args)
     if args.command == "test" and args.zero_shot:
         overrides["method"] = "none"

@@ -37,8 +37,9 @@ class RunConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch"})
-    max_batch_size: int = 64
+    batch_tokens: int = field(default=0, metadata={
+        "help": "padded tokens per micro-batch (0: 4096 on CPU, 32768 on GPU)"})
+    max_batch_size: int = field(default=0, metadata={"help": "examples per micro-batch at most (0: 64 CPU, 512 GPU)"})
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"})
@@ -54,14 +55,21 @@ class RunConfig:
     max_new_tokens: int = field(default=0, metadata={"help": "0: the task's default"})
     max_test_examples: int = field(default=0, metadata={"help": "score only the first N test examples (0: all)"})
     test_file: str = field(default="", metadata={"help": "score this JSONL of src/trg instead of the test split"})
-    gen_batch_tokens: int = field(default=16384, metadata={"help": "padded prompt tokens per generation batch"})
-    gen_max_batch_size: int = 64
+    gen_batch_tokens: int = field(default=0, metadata={
+        "help": "prompt + new tokens per generation batch (0: 8192 on CPU, 262144 on GPU)"})
+    gen_max_batch_size: int = field(default=0, metadata={"help": "sequences per generation batch (0: 32 CPU, 512 GPU)"})
     # housekeeping
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})
     trust_remote_code: bool = False
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+
+    def resolved_sizes(self, on_gpu: bool) -> dict:
+        """Batch sizes with 0 ("auto") replaced by a sensible value for the device."""
+        auto = {"batch_tokens": (4096, 32768), "max_batch_size": (64, 512),
+                "gen_batch_tokens": (8192, 262144), "gen_max_batch_size": (32, 512)}
+        return {name: getattr(self, name) or choices[on_gpu] for name, choices in auto.items()}
 
     @property
     def out(self) -> Path:

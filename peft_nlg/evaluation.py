@@ -43,10 +43,11 @@ def trained_config(config: RunConfig) -> RunConfig:
     return saved
 
 
-def decoding(config: RunConfig) -> DecodingSettings:
+def decoding(config: RunConfig, on_gpu: bool) -> DecodingSettings:
+    sizes = config.resolved_sizes(on_gpu)
     return DecodingSettings(search=config.search, num_beams=config.num_beams,
                             max_new_tokens=config.max_new_tokens or get_task(config.task).max_new_tokens,
-                            batch_tokens=config.gen_batch_tokens, max_batch_size=config.gen_max_batch_size)
+                            batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"])
 
 
 def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object, object]:
@@ -64,7 +65,7 @@ def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object
 def test(config: RunConfig, zero_shot: bool = False) -> dict:
     """Generate for the test split (or --test-file), score it, write predictions and a record."""
     config, loaded, dev, dtype = _load(config, zero_shot)
-    settings = decoding(config)
+    settings = decoding(config, dev.type == "cuda")
     out = config.out
     name = f"{'test' if not config.test_file else Path(config.test_file).stem}-{settings.search}"
     record_path, predictions_path = out / f"record-{name}.json", out / f"predictions-{name}.jsonl"
@@ -110,7 +111,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
 def inference(config: RunConfig, stdin=sys.stdin, stdout=sys.stdout) -> None:
     """Interactive prompt on the trained model; with piped input, one output line per input line."""
     config, loaded, dev, dtype = _load(config, zero_shot=False)
-    settings = decoding(config)
+    settings = decoding(config, dev.type == "cuda")
     interactive = stdin.isatty()
     if interactive:
         stdout.write(f"peft-nlg {config.task} ({config.method}, {settings.search}); type 'quit' to end.\n")

@@ -142,6 +142,7 @@ def train(config: RunConfig) -> dict:
     if config.gradient_checkpointing and loaded.method.supports_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
+    sizes = config.resolved_sizes(dev.type == "cuda")
 
     # data: encode once, then cut length-grouped batches under the token budget
     train_examples = subset(read_pairs(split_path(config, "train")), config.train_examples, config.seed)
@@ -157,9 +158,12 @@ def train(config: RunConfig) -> dict:
                 for idx in indices]
 
     valid_batches = to_batches(valid_features, token_budget_batches(
-        lengths(valid_features), config.batch_tokens, config.max_batch_size))
-    epoch_plan = lambda epoch: token_budget_batches(  # noqa: E731 - seeded per epoch, so resumable
-        lengths(train_features), config.batch_tokens, config.max_batch_size, shuffle=True, seed=config.seed + epoch)
+        lengths(valid_features), sizes["batch_tokens"], sizes["max_batch_size"]))
+
+    def epoch_plan(epoch: int) -> list[list[int]]:  # seeded per epoch, so a resumed run replays the same order
+        return token_budget_batches(lengths(train_features), sizes["batch_tokens"], sizes["max_batch_size"],
+                                    shuffle=True, seed=config.seed + epoch)
+
     steps_per_epoch = math.ceil(len(epoch_plan(0)) / config.grad_accum)
     total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
     eval_every = config.eval_every or steps_per_epoch

@@ -1,0 +1,122 @@
+"""The whole tool through its command line: every method on every architecture, train -> test ->
+inference; the original run.py flags; clear one-line errors on bad input; no silent overwrites."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import ARCHITECTURES
+
+from peft_nlg import cli
+from peft_nlg.evaluation import inference
+from peft_nlg.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_FOR_ARCH = {"llama": "dialogue", "t5": "translation", "marian": "translation", "blenderbot_small": "dialogue"}
+
+
+def _run(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def _train_args(model, data, out, task, method, *extra):
+    return ["train", "--task", task, "--method", method, "--model", model, "--data-dir", data, "--output-dir", out,
+            "--max-steps", 3, "--eval-every", 2, "--learning-rate", 1e-3, "--report-to", "none", *extra]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_train_test_inference(tiny_models, tiny_data, tmp_path, arch, method):
+    task, out = TASK_FOR_ARCH[arch], tmp_path / "run"
+    assert _run(*_train_args(tiny_models[arch], tiny_data, out, task, method)) == 0
+    record = json.loads((out / "train_record.json").read_text())
+    assert record["steps"] == 3 and record["train_tokens"] > 0 and record["best_valid_loss"] > 0
+    assert [h["step"] for h in record["history"]] == [2, 3]
+    assert (out / "model" / ("adapter_config.json" if method != "none" else "config.json")).is_file()
+    assert (out / "config.yaml").is_file() and (out / "checkpoint" / "state.json").is_file()
+    assert 0 < record["trainable_params"] <= record["total_params"]
+
+    for search in ("greedy", "beam"):
+        assert _run("test", "--task", task, "--method", method, "--data-dir", tiny_data, "--output-dir", out,
+                    "--search", search, "--num-beams", 2, "--max-new-tokens", 6) == 0
+        test_record = json.loads((out / f"record-test-{search}.json").read_text())
+        predictions = (out / f"predictions-test-{search}.jsonl").read_text().splitlines()
+        assert len(predictions) == test_record["test_examples"] == 3
+        assert test_record["decoding"]["search"] == search
+        assert test_record["main_metric"] in test_record["scores"]
+        assert test_record["trainable_params"] == record["trainable_params"]
+
+    from peft_nlg.config import build_config
+    config = build_config({"task": task, "method": method, "output_dir": str(out), "data_dir": str(tiny_data),
+                           "max_new_tokens": 5})
+    stdout = io.StringIO()
+    inference(config, stdin=io.StringIO("Where is the station?\n\nHi there\nquit\nnever read\n"), stdout=stdout)
+    assert len(stdout.getvalue().split("\n")) == 4  # one line per input line (blank in, blank out), then quit
+
+
+def test_resume_continues_and_overwrite_is_explicit(tiny_models, tiny_data, tmp_path, capsys):
+    out, model = tmp_path / "run", tiny_models["llama"]
+    args = _train_args(model, tiny_data, out, "translation", "lora")
+    assert _run(*args) == 0
+    assert _run(*args) == 2  # refuses to replace the earlier run
+    assert "--resume" in capsys.readouterr().err
+    resumed = [a if a != 3 else 5 for a in args]  # ask for 5 steps in total
+    assert _run(*resumed, "--resume") == 0
+    record = json.loads((out / "train_record.json").read_text())
+    assert record["steps"] == 5 and [h["step"] for h in record["history"]] == [2, 3, 4, 5]
+    assert _run(*args, "--overwrite") == 0
+    assert json.loads((out / "train_record.json").read_text())["steps"] == 3
+
+
+def test_zero_shot_scores_the_base_model(tiny_models, tiny_data, tmp_path):
+    out = tmp_path / "zs"
+    assert _run("test", "--zero-shot", "--task", "summarization", "--model", tiny_models["t5"], "--data-dir",
+                tiny_data, "--output-dir", out, "--max-new-tokens", 4) == 0
+    record = json.loads((out / "record-test-greedy.json").read_text())
+    assert record["method"] == "zero_shot" and record["trainable_params"] == 0
+    assert set(record["scores"]) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_bad_test_file_is_one_clear_line(tiny_models, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert _run(*_train_args(tiny_models["t5"], tiny_data, out, "translation", "ia3")) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"src": "a", "trg": "b"}\n{"src": "a", "trg": \n')
+    proc = subprocess.run([sys.executable, "-m", "peft_nlg.cli", "test", "--task", "translation", "--method", "ia3",
+                           "--output-dir", str(out), "--test-file", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("peft-nlg: error:")]
+    assert len(error_lines) == 1 and error_lines[0].startswith(f"peft-nlg: error: {bad}:2: malformed JSON")
+    assert not list(out.glob("record-bad-*"))  # nothing written for a failed run
+
+
+def test_run_py_maps_the_original_flags():
+    sys.path.insert(0, str(REPO))
+    import run
+    assert run.translate_args(["-task", "translation", "-mode", "train", "-peft", "LoRA", "-search", "beam"]) == [
+        "train", "--task", "translation", "--method", "lora"]
+    assert run.translate_args(["-task", "dialogue", "-mode", "test", "-peft", "vanilla", "-search", "beam",
+                               "--max-test-examples", "5"]) == [
+        "test", "--task", "dialogue", "--method", "none", "--search", "beam", "--max-test-examples", "5"]
+    assert run.translate_args(["-task", "summarization", "-mode", "inference", "-peft", "Prefix_Tuning"])[:5] == [
+        "inference", "--task", "summarization", "--method", "prefix_tuning"]
+    with pytest.raises(SystemExit):
+        run.translate_args(["-task", "translation", "-mode", "train", "-peft", "adapters"])
+
+
+def test_run_py_end_to_end(tiny_models, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-dir", str(tiny_data), "--output-dir", str(out)]
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "-task", "translation", "-mode", "train", "-peft",
+                           "P_TUNING", "--model", str(tiny_models["marian"]), "--max-steps", "2", *common],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "-task", "translation", "-mode", "test", "-peft",
+                           "p_tuning", "-search", "beam", "--max-new-tokens", "4", *common],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "translation/p_tuning (beam, 3 examples): bleu" in proc.stdout
