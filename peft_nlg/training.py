@@ -29,6 +29,7 @@ from peft_nlg.loss import summed_loss
 from peft_nlg.models import count_parameters
 from peft_nlg.runtime import (
     compute_dtype,
+    device,
     dir_size_bytes,
     hardware,
     load_for_training,
@@ -114,6 +115,13 @@ def _save_best(out: Path, model, tokenizer) -> None:
     tmp.rename(final)
 
 
+def steady_rate(step_times: list[list[float]]) -> float:
+    """Tokens/s after the first steps (allocator warm-up, kernel selection), as benchmarks report it."""
+    skip = min(10, len(step_times) // 5)
+    timed = step_times[skip:] or step_times
+    return round(sum(n for _, n in timed) / max(sum(t for t, _ in timed), 1e-9), 1)
+
+
 @torch.no_grad()
 def validation_loss(model, batches, is_encoder_decoder: bool, accelerator: Accelerator) -> float:
     model.eval()
@@ -134,9 +142,10 @@ def train(config: RunConfig) -> dict:
     out = config.out
     save_config(config, out / "config.yaml")
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    dev = accelerator.device
+    dev = device()
     dtype = compute_dtype(config, dev)
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    dev = accelerator.device
     loaded = load_for_training(config, dev, dtype)
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     if config.gradient_checkpointing and loaded.method.supports_gradient_checkpointing:
@@ -180,7 +189,7 @@ def train(config: RunConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "best_valid_loss": None,
-             "bad_validations": 0, "train_seconds": 0.0, "history": []}
+             "bad_validations": 0, "train_seconds": 0.0, "history": [], "step_times": []}
     if resuming:
         state = _load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
         accelerator.print(f"resuming {out} at step {state['step']}")
@@ -218,6 +227,8 @@ def train(config: RunConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             synchronize(dev)
             state["train_seconds"] += time.perf_counter() - started
+            state["step_times"].append([round(time.perf_counter() - started, 5),
+                                        sum(real_tokens(b, family.is_encoder_decoder) for b in batches)])
             state["step"] += 1
             state["batch_in_epoch"] += 1
             window_loss, window_count = window_loss + step_loss, window_count + n_targets
@@ -266,6 +277,7 @@ def train(config: RunConfig) -> dict:
         "train_examples": len(train_examples), "train_tokens": state["tokens"],
         "train_seconds": round(state["train_seconds"], 2),
         "train_tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
+        "steady_tokens_per_s": steady_rate(state["step_times"]),
         "best_valid_loss": state["best_valid_loss"], "best_step": state.get("best_step"),
         "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
         **peak_memory_gb(dev),

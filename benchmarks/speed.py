@@ -1,0 +1,260 @@
+"""Training and generation speed of peft-nlg against the stock HF Trainer + peft recipe, in one process.
+
+Both recipes start from the same randomly initialised model of the embedded model's architecture
+(SmolLM2-135M: config and tokenizer from --arch-dir) and train on the same dialogue examples. The
+reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and called as is. Per method:
+
+  baseline    its Trainer, batch 32 (4 on CPU), pad to longest; real tokens/s after warm-up; peak memory;
+              greedy generate in batches of 32
+  ours-equal  our training loop at the baseline's real tokens per step and learning rate, on the same
+              examples: speed, peak memory at equal tokens per step, and validation loss after the same
+              budget (the quality check)
+  ours        our loop at its default batch for the device: the speed a user gets
+  generation  our test-mode generation, greedy and beam, on the same prompts
+
+Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
+something with the device named in the JSON.
+
+  python benchmarks/speed.py --arch-dir ~/.cache/peft-nlg/models/SmolLM2-135M-Instruct \\
+      --baseline ../shared/bench/hf_trainer_baseline.py --out benchmarks/results/DATE-CARD.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from peft_nlg.config import build_config
+from peft_nlg.data.io import read_pairs, write_json
+from peft_nlg.evaluation import decoding
+from peft_nlg.formatting import IGNORE_INDEX
+from peft_nlg.generation import generate
+from peft_nlg.runtime import device, hardware, load_trained, package_versions, reset_peak_memory
+from peft_nlg.training import train
+
+METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
+
+
+def load_baseline(path: Path, out_dir: Path):
+    os.environ["OUT"] = str(out_dir)
+    spec = importlib.util.spec_from_file_location("hf_trainer_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flops_per_token(config, trainable_all: bool) -> float:
+    """Matmul FLOPs per token: forward 2N; backward 2N for activations plus 2N for weight gradients when
+    every weight trains (PEFT methods skip most weight gradients). N excludes the embedding lookup."""
+    n = sum(p.numel() for name, p in AutoModelForCausalLM.from_config(config).named_parameters()
+            if "embed_tokens" not in name)
+    n += config.hidden_size * config.vocab_size  # the output head (tied to the embedding)
+    return (6 if trainable_all else 4) * n
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, features, dev) -> float:
+    """Mean answer-token loss over pre-encoded examples, one at a time (no padding effects)."""
+    model.eval()
+    total, count = 0.0, 0
+    for f in features:
+        ids = torch.tensor([f["input_ids"]], device=dev)
+        labels = torch.tensor([f["labels"]], device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(input_ids=ids).logits.float()
+        shift = labels[:, 1:]
+        mask = shift != IGNORE_INDEX
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1][mask], shift[mask], reduction="sum"))
+        count += int(mask.sum())
+    return total / count
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch-dir", required=True, help="config.json + tokenizer of the architecture")
+    ap.add_argument("--baseline", default="../shared/bench/hf_trainer_baseline.py")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--layers", type=int, default=0, help="use fewer layers (CPU runs: 2, as the baseline's smoke)")
+    ap.add_argument("--baseline-batch", type=int, default=0, help="0: 32 on GPU, 4 on CPU (the recipe's own)")
+    ap.add_argument("--baseline-steps", type=int, default=0, help="0: 70 on GPU, 14 on CPU (10 are warm-up)")
+    ap.add_argument("--our-steps", type=int, default=0, help="steps of our default-batch run (0: 40 GPU, 8 CPU)")
+    ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 512 GPU, 16 CPU)")
+    ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 8 on CPU")
+    ap.add_argument("--valid-examples", type=int, default=64)
+    args = ap.parse_args()
+
+    dev = device()
+    on_gpu = dev.type == "cuda"
+    bs = args.baseline_batch or (32 if on_gpu else 4)
+    base_steps = args.baseline_steps or (70 if on_gpu else 14)
+    our_steps = args.our_steps or (40 if on_gpu else 8)
+    n_gen = args.gen_prompts or (512 if on_gpu else 16)
+    n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 8)
+    work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
+    B = load_baseline(Path(args.baseline), work / "baseline")
+
+    # one random initialisation of the architecture, saved, so both recipes start from the same weights
+    config = AutoConfig.from_pretrained(args.arch_dir)
+    if args.layers:
+        config.num_hidden_layers = args.layers
+    tokenizer = AutoTokenizer.from_pretrained(args.arch_dir)
+    torch.manual_seed(0)
+    init_dir = work / "init"
+    AutoModelForCausalLM.from_config(config).save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+
+    data_dir = Path(args.data_dir)
+    train_rows = read_pairs(data_dir / "dialogue" / "train.jsonl")[: bs * base_steps]
+    valid_rows = read_pairs(data_dir / "dialogue" / "valid.jsonl")[: args.valid_examples]
+    test_rows = read_pairs(data_dir / "dialogue" / "test.jsonl")[: max(n_gen, n_base_gen)]
+    bench_data = work / "data"
+    (bench_data / "dialogue").mkdir(parents=True)
+    for split, rows in (("train", read_pairs(data_dir / "dialogue" / "train.jsonl")), ("valid", valid_rows),
+                        ("test", test_rows)):
+        (bench_data / "dialogue" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # the baseline's own tokenizer handling (pad = EOS when missing) and encoding
+    base_tok = AutoTokenizer.from_pretrained(init_dir)
+    if base_tok.pad_token is None:
+        base_tok.pad_token = base_tok.eos_token
+    base_train = B.encode(base_tok, "dialogue", train_rows)
+    base_valid = B.encode(base_tok, "dialogue", valid_rows)
+    real_per_example = sum(len(e["input_ids"]) for e in base_train) / len(base_train)
+    equal_tokens_per_step = int(bs * real_per_example)
+
+    results = {"device": hardware(dev), "versions": package_versions(), "date": time.strftime("%Y-%m-%d"),
+               "arch": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
+               "baseline_batch": bs, "baseline_steps": base_steps,
+               "real_tokens_per_example": round(real_per_example, 1),
+               "equal_tokens_per_step": equal_tokens_per_step, "methods": {}}
+    for name in args.methods.split(","):
+        try:
+            row = bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows,
+                               test_rows, bench_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen,
+                               real_per_example, equal_tokens_per_step, len(train_rows))
+        except Exception as err:  # keep measuring the other methods; the JSON says what failed
+            row = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+            torch.cuda.empty_cache() if on_gpu else None
+        results["methods"][name] = row
+        print(json.dumps({name: row}), flush=True)
+        write_json(Path(args.out), results)  # after every method, so a cut-off run keeps what it measured
+
+    print_table(results)
+    return 0
+
+
+def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows, test_rows,
+                 bench_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen, real_per_example,
+                 equal_tokens_per_step, n_train) -> dict:
+    on_gpu = dev.type == "cuda"
+    row = {}
+    # --- baseline: the reference recipe as written
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
+    peft_config = B.peft_cfg(name)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    _, wall, timer = B.train(model, base_tok, base_train, bs, steps=base_steps)
+    dt = timer.t1 - timer.t0
+    row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
+                       "peak_memory_gb": B.peak() if on_gpu else None,
+                       "valid_loss": round(answer_loss(model, base_tok, base_valid, dev), 4)}
+    if name in ("none", "lora"):  # the recipe times generation for these two only
+        _, tps = B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])
+        row["baseline"]["gen_tokens_per_s"] = round(tps, 1)
+    del model
+    torch.cuda.empty_cache() if on_gpu else None
+
+    # --- ours at the baseline's tokens per step and learning rate, same examples: quality + memory
+    lr = 2e-4 if peft_config is not None else 2e-5
+    common = {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
+              "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
+              "seed": 0, "method_options": _baseline_like_options(name)}
+    equal = build_config({**common, "output_dir": str(work / name / "equal"), "train_examples": n_train,
+                          "epochs": 1, "batch_tokens": equal_tokens_per_step, "max_batch_size": 4 * bs,
+                          "learning_rate": lr, "eval_every": 10**9})
+    reset_peak_memory(dev)
+    record = train(equal)
+    loaded = load_trained(equal.out, equal, dev, torch.bfloat16 if on_gpu else torch.float32)
+    ours_valid = [loaded.prompter.encode(r) for r in valid_rows]
+    row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
+                         "steps": record["steps"], "train_tokens": record["train_tokens"],
+                         "valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, ours_valid, dev), 4)}
+
+    # --- generation, test mode, on the same prompts
+    gen_config = build_config({**common, "output_dir": str(work / name / "equal")})
+    for search in ("greedy", "beam"):
+        settings = decoding(gen_config, on_gpu)
+        settings = type(settings)(**{**settings.__dict__, "search": search})
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in test_rows[:n_gen]],
+                            settings, dev, dtype, show_progress=False)
+        row[f"ours_gen_{search}"] = stats
+    del loaded
+    torch.cuda.empty_cache() if on_gpu else None
+
+    # --- ours at the device's default batch: the speed a user gets
+    default = build_config({**common, "output_dir": str(work / name / "default"), "max_steps": our_steps,
+                            "learning_rate": lr, "eval_every": 10**9, "max_valid_examples": 8})
+    reset_peak_memory(dev)
+    record = train(default)
+    row["ours"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
+                   "tokens_per_step": round(record["train_tokens"] / record["steps"]),
+                   "trainable_params": record["trainable_params"]}
+    fpt = flops_per_token(config, name == "none")
+    if on_gpu:
+        peak_flops = 989e12  # dense bf16 spec of the H100 SXM and the H200
+        row["ours"]["mfu"] = round(row["ours"]["tokens_per_s"] * fpt / peak_flops, 4)
+        row["baseline"]["mfu"] = round(row["baseline"]["tokens_per_s"] * fpt / peak_flops, 4)
+    row["train_speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
+    row["train_speedup_equal_tokens_per_step"] = round(
+        row["ours_equal"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
+    if "gen_tokens_per_s" in row["baseline"]:
+        row["gen_speedup_greedy"] = round(
+            row["ours_gen_greedy"]["new_tokens_per_s"] / row["baseline"]["gen_tokens_per_s"], 2)
+    return row
+
+
+def _baseline_like_options(name: str) -> dict:
+    """The reference recipe's method settings, so both train the same adapter."""
+    return {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+            "prefix_tuning": {"num_virtual_tokens": 20},
+            "p_tuning": {"num_virtual_tokens": 20, "encoder_hidden_size": 256},
+            "prompt_tuning": {"num_virtual_tokens": 20, "init": "random"},
+            "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+            }.get(name, {})
+
+
+def print_table(results: dict) -> None:
+    dev = results["device"].get("gpu") or results["device"]["cpu"]
+    print(f"\n{dev}, {results['date']}; baseline batch {results['baseline_batch']} "
+          f"(~{results['equal_tokens_per_step']} real tokens/step)")
+    head = ("method", "base tok/s", "ours tok/s", "x", "ours@equal", "x", "mem base", "mem ours@eq",
+            "vloss base", "vloss ours", "gen base", "gen ours", "x", "beam ours")
+    print(" | ".join(head))
+    for name, r in results["methods"].items():
+        if "error" in r:
+            print(f"{name} | error: {r['error']}")
+            continue
+        b, o, e = r["baseline"], r["ours"], r["ours_equal"]
+        print(" | ".join(str(x) for x in (
+            name, b["tokens_per_s"], o["tokens_per_s"], r["train_speedup"], e["tokens_per_s"],
+            r["train_speedup_equal_tokens_per_step"], b["peak_memory_gb"], e["peak_memory_gb"], b["valid_loss"],
+            e["valid_loss"], b.get("gen_tokens_per_s", "–"), r["ours_gen_greedy"]["new_tokens_per_s"],
+            r.get("gen_speedup_greedy", "–"), r["ours_gen_beam"]["new_tokens_per_s"])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
