@@ -39,7 +39,7 @@ from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.evaluation import decoding
 from peft_nlg.formatting import IGNORE_INDEX
 from peft_nlg.generation import generate
-from peft_nlg.runtime import device, hardware, load_trained, package_versions, reset_peak_memory
+from peft_nlg.runtime import device, hardware, load_for_training, load_trained, package_versions, reset_peak_memory
 from peft_nlg.training import train
 
 METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
@@ -71,7 +71,7 @@ def answer_loss(model, tokenizer, features, dev) -> float:
         ids = torch.tensor([f["input_ids"]], device=dev)
         labels = torch.tensor([f["labels"]], device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(input_ids=ids).logits.float()
+            logits = model(input_ids=ids).logits.float()[:, -ids.shape[1]:]  # drop soft-prompt positions
         shift = labels[:, 1:]
         mask = shift != IGNORE_INDEX
         total += float(torch.nn.functional.cross_entropy(logits[:, :-1][mask], shift[mask], reduction="sum"))
@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--baseline-batch", type=int, default=0, help="0: 32 on GPU, 4 on CPU (the recipe's own)")
     ap.add_argument("--baseline-steps", type=int, default=0, help="0: 70 on GPU, 14 on CPU (10 are warm-up)")
     ap.add_argument("--our-steps", type=int, default=0, help="steps of our default-batch run (0: 40 GPU, 8 CPU)")
-    ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 512 GPU, 16 CPU)")
+    ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 1000 GPU, 16 CPU)")
     ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 8 on CPU")
     ap.add_argument("--valid-examples", type=int, default=64)
     args = ap.parse_args()
@@ -100,7 +100,7 @@ def main() -> int:
     bs = args.baseline_batch or (32 if on_gpu else 4)
     base_steps = args.baseline_steps or (70 if on_gpu else 14)
     our_steps = args.our_steps or (40 if on_gpu else 8)
-    n_gen = args.gen_prompts or (512 if on_gpu else 16)
+    n_gen = args.gen_prompts or (1000 if on_gpu else 16)
     n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 8)
     work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
     B = load_baseline(Path(args.baseline), work / "baseline")
@@ -171,9 +171,6 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
                        "peak_memory_gb": B.peak() if on_gpu else None,
                        "valid_loss": round(answer_loss(model, base_tok, base_valid, dev), 4)}
-    if name in ("none", "lora"):  # the recipe times generation for these two only
-        _, tps = B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])
-        row["baseline"]["gen_tokens_per_s"] = round(tps, 1)
     del model
     torch.cuda.empty_cache() if on_gpu else None
 
@@ -193,16 +190,28 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                          "steps": record["steps"], "train_tokens": record["train_tokens"],
                          "valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, ours_valid, dev), 4)}
 
-    # --- generation, test mode, on the same prompts
-    gen_config = build_config({**common, "output_dir": str(work / name / "equal")})
+    # --- generation speed on the untrained model with the method attached: equal work for both recipes,
+    # since a random model almost never emits EOS and every prompt runs to the new-token limit
+    del loaded
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
+    loaded = load_for_training(gen_config, dev, dtype)
+    loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
+    prompts = [r["src"] for r in test_rows[:n_gen]]
     for search in ("greedy", "beam"):
         settings = decoding(gen_config, on_gpu)
         settings = type(settings)(**{**settings.__dict__, "search": search})
-        dtype = torch.bfloat16 if on_gpu else torch.float32
-        _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in test_rows[:n_gen]],
-                            settings, dev, dtype, show_progress=False)
+        _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
+                            show_progress=False)
         row[f"ours_gen_{search}"] = stats
-    del loaded
+    if name in ("none", "lora"):  # the recipe times generation for these two only
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
+        if peft_config is not None:
+            model = get_peft_model(model, B.peft_cfg(name))
+        _, tps = B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])
+        row["baseline"]["gen_tokens_per_s"] = round(tps, 1)
+        del model
     torch.cuda.empty_cache() if on_gpu else None
 
     # --- ours at the device's default batch: the speed a user gets

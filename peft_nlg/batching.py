@@ -56,3 +56,18 @@ def real_tokens(batch: dict, is_encoder_decoder: bool) -> int:
     if is_encoder_decoder and "labels" in batch:
         n += int((batch["labels"] != IGNORE_INDEX).sum())
     return n
+
+
+def training_batch(features: list[dict], pad_token_id: int, is_encoder_decoder: bool) -> tuple[dict, int, int]:
+    """A right-padded batch for the loss, with its target and real token counts taken on the host.
+
+    Decoder-only batches carry no attention mask: with right padding and causal attention no real token
+    can see a pad, so the mask changes nothing that enters the loss, and without it attention runs as
+    plain causal attention (flash kernels). Counting on the host keeps the GPU queue free of syncs.
+    """
+    batch = collate(features, pad_token_id, "right")
+    n_targets = int((batch["labels"] != IGNORE_INDEX).sum())
+    n_real = real_tokens(batch, is_encoder_decoder)
+    if not is_encoder_decoder:
+        del batch["attention_mask"]
+    return batch, n_targets, n_real

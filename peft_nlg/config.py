@@ -57,7 +57,8 @@ class RunConfig:
     test_file: str = field(default="", metadata={"help": "score this JSONL of src/trg instead of the test split"})
     gen_batch_tokens: int = field(default=0, metadata={
         "help": "prompt + new tokens per generation batch (0: 8192 on CPU, 262144 on GPU)"})
-    gen_max_batch_size: int = field(default=0, metadata={"help": "sequences per generation batch (0: 32 CPU, 512 GPU)"})
+    gen_max_batch_size: int = field(default=0, metadata={
+        "help": "sequences per generation batch (0: 32 CPU, 1024 GPU)"})
     # housekeeping
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})
@@ -68,7 +69,7 @@ class RunConfig:
     def resolved_sizes(self, on_gpu: bool) -> dict:
         """Batch sizes with 0 ("auto") replaced by a sensible value for the device."""
         auto = {"batch_tokens": (4096, 32768), "max_batch_size": (64, 512),
-                "gen_batch_tokens": (8192, 262144), "gen_max_batch_size": (32, 512)}
+                "gen_batch_tokens": (8192, 262144), "gen_max_batch_size": (32, 1024)}
         return {name: getattr(self, name) or choices[on_gpu] for name, choices in auto.items()}
 
     @property

@@ -55,16 +55,19 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: 
 
 
 def decoder_only_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(summed loss, number of target tokens) for a causal LM, peft-wrapped or not."""
+    """(summed loss, number of target tokens) for a causal LM, peft-wrapped or not.
+
+    Training batches come without an attention mask (right padding, see ``batching.training_batch``).
+    """
     labels = batch["labels"]
     with _captured_head_input(model) as (head, captured):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     hidden = captured[-1]
     hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]  # drop virtual prompt tokens, if any
     targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    selected = hidden[:, :-1][mask]
-    return chunked_cross_entropy(selected, head, targets[mask]), int(mask.sum())
+    keep = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][keep]
+    return chunked_cross_entropy(selected, head, targets[keep]), int(keep.sum())
 
 
 def encoder_decoder_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from peft_nlg.batching import collate, real_tokens, token_budget_batches
+from peft_nlg.batching import token_budget_batches, training_batch
 from peft_nlg.config import RunConfig, save_config
 from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.loss import summed_loss
@@ -126,7 +126,7 @@ def steady_rate(step_times: list[list[float]]) -> float:
 def validation_loss(model, batches, is_encoder_decoder: bool, accelerator: Accelerator) -> float:
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch, _, _ in batches:
         with accelerator.autocast():
             loss, n = summed_loss(model, batch, is_encoder_decoder)
         total, count = total + float(loss), count + n
@@ -162,9 +162,16 @@ def train(config: RunConfig) -> dict:
     def lengths(features):
         return [len(f["input_ids"]) + (len(f["labels"]) if family.is_encoder_decoder else 0) for f in features]
 
-    def to_batches(features, indices):
-        return [{k: v.to(dev) for k, v in collate([features[i] for i in idx], tokenizer.pad_token_id).items()}
-                for idx in indices]
+    def to_batches(features, indices) -> list[tuple[dict, int, int]]:
+        """(batch on the device, target tokens, real tokens) per micro-batch; copies don't block the host."""
+        prepared = []
+        for idx in indices:
+            batch, n_targets, n_real = training_batch([features[i] for i in idx], tokenizer.pad_token_id,
+                                                      family.is_encoder_decoder)
+            if dev.type == "cuda":
+                batch = {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
+            prepared.append((batch, n_targets, n_real))
+        return prepared
 
     valid_batches = to_batches(valid_features, token_budget_batches(
         lengths(valid_features), sizes["batch_tokens"], sizes["max_batch_size"]))
@@ -204,7 +211,7 @@ def train(config: RunConfig) -> dict:
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {config.task}/{config.method}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     stop = state["step"] >= total_steps
-    window_loss, window_count = 0.0, 0
+    window_loss, window_count = torch.zeros((), device=dev), 0
     while not stop:
         plan = epoch_plan(state["epoch"])
         steps = [plan[i:i + config.grad_accum] for i in range(0, len(plan), config.grad_accum)]
@@ -212,14 +219,15 @@ def train(config: RunConfig) -> dict:
             synchronize(dev)
             started = time.perf_counter()
             batches = to_batches(train_features, step_batches)
-            n_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
+            n_targets = sum(n for _, n, _ in batches)
+            step_tokens = sum(n for _, _, n in batches)
+            step_loss = torch.zeros((), device=dev)
+            for batch, _, _ in batches:
                 with accelerator.autocast():
                     loss, _ = summed_loss(model, batch, family.is_encoder_decoder)
                 accelerator.backward(loss / n_targets)  # mean over every target token in the step
-                step_loss += float(loss.detach())
-                state["tokens"] += real_tokens(batch, family.is_encoder_decoder)
+                step_loss += loss.detach()
+            state["tokens"] += step_tokens
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -227,23 +235,23 @@ def train(config: RunConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             synchronize(dev)
             state["train_seconds"] += time.perf_counter() - started
-            state["step_times"].append([round(time.perf_counter() - started, 5),
-                                        sum(real_tokens(b, family.is_encoder_decoder) for b in batches)])
+            state["step_times"].append([round(time.perf_counter() - started, 5), step_tokens])
             state["step"] += 1
             state["batch_in_epoch"] += 1
             window_loss, window_count = window_loss + step_loss, window_count + n_targets
             progress.update(1)
             if writer and state["step"] % 10 == 0:
-                writer.add_scalar("train/loss", window_loss / window_count, state["step"])
+                writer.add_scalar("train/loss", float(window_loss) / window_count, state["step"])
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
                 writer.add_scalar("train/tokens_per_s", state["tokens"] / state["train_seconds"], state["step"])
-            progress.set_postfix(loss=f"{step_loss / n_targets:.3f}")
+            if state["step"] % 10 == 0:  # reading the loss waits for the GPU: not every step
+                progress.set_postfix(loss=f"{float(step_loss) / n_targets:.3f}")
             budget_spent = config.train_token_budget and state["tokens"] >= config.train_token_budget
             stop = state["step"] >= total_steps or bool(budget_spent)
             if state["step"] % eval_every == 0 or stop:
                 vloss = validation_loss(model, valid_batches, family.is_encoder_decoder, accelerator)
-                train_loss = window_loss / max(window_count, 1)
-                window_loss, window_count = 0.0, 0
+                train_loss = float(window_loss) / max(window_count, 1)
+                window_loss, window_count = torch.zeros((), device=dev), 0
                 state["history"].append({"step": state["step"], "train_loss": round(train_loss, 4),
                                          "valid_loss": round(vloss, 4), "tokens": state["tokens"]})
                 if writer:

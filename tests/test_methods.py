@@ -7,7 +7,7 @@ from peft import PeftModel
 from tiny_models import ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from peft_nlg.batching import collate
+from peft_nlg.batching import collate, training_batch
 from peft_nlg.config import build_config
 from peft_nlg.generation import DecodingSettings, generate
 from peft_nlg.loss import summed_loss
@@ -69,6 +69,25 @@ def test_training_lowers_loss_and_reloads_with_stock_peft(tiny_models, tmp_path,
     with torch.no_grad():
         actual = reloaded.eval()(**batch).logits
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padded_batch_loss_equals_sum_of_single_losses(tiny_models, arch, method):
+    """The training loss of a right-padded batch is exactly the sum over its examples run alone."""
+    torch.manual_seed(0)
+    loaded = _loaded(tiny_models[arch], method)
+    _perturb_trainable(loaded.model)
+    model = loaded.model.eval()
+    features = [loaded.prompter.encode(p) for p in PAIRS]
+    pad, seq2seq = loaded.tokenizer.pad_token_id, loaded.family.is_encoder_decoder
+    batch, n_targets, _ = training_batch(features, pad, seq2seq)  # as training builds it (no mask: decoder-only)
+    with torch.no_grad():
+        batched, n = summed_loss(model, batch, seq2seq)
+        singles = [summed_loss(model, collate([f], pad), seq2seq) for f in features]
+    assert n == n_targets
+    assert n == sum(c for _, c in singles)
+    torch.testing.assert_close(batched, sum(loss for loss, _ in singles), rtol=1e-5, atol=1e-4)
 
 
 def _perturb_trainable(model, scale=0.3):
