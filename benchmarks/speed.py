@@ -81,11 +81,12 @@ def answer_loss(model, tokenizer, features, dev) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch-dir", required=True, help="config.json + tokenizer of the architecture")
+    ap.add_argument("--render", help="print the markdown table of an existing results JSON and exit")
+    ap.add_argument("--arch-dir", help="config.json + tokenizer of the architecture")
     ap.add_argument("--baseline", default="../shared/bench/hf_trainer_baseline.py")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--out", help="JSON file to write")
     ap.add_argument("--layers", type=int, default=0, help="use fewer layers (CPU runs: 2, as the baseline's smoke)")
     ap.add_argument("--baseline-batch", type=int, default=0, help="0: 32 on GPU, 4 on CPU (the recipe's own)")
     ap.add_argument("--baseline-steps", type=int, default=0, help="0: 70 on GPU, 14 on CPU (10 are warm-up)")
@@ -94,6 +95,11 @@ def main() -> int:
     ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 8 on CPU")
     ap.add_argument("--valid-examples", type=int, default=64)
     args = ap.parse_args()
+    if args.render:
+        print(markdown_table(json.loads(Path(args.render).read_text())))
+        return 0
+    if not args.arch_dir or not args.out:
+        ap.error("--arch-dir and --out are required")
 
     dev = device()
     on_gpu = dev.type == "cuda"
@@ -175,7 +181,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     torch.cuda.empty_cache() if on_gpu else None
 
     # --- ours at the baseline's tokens per step and learning rate, same examples: quality + memory
-    lr = 2e-4 if peft_config is not None else 2e-5
+    lr = 2e-4  # the recipe trains every method at 2e-4 (its part "arch")
     common = {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
               "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
               "seed": 0, "method_options": _baseline_like_options(name)}
@@ -244,6 +250,24 @@ def _baseline_like_options(name: str) -> dict:
             "prompt_tuning": {"num_virtual_tokens": 20, "init": "random"},
             "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
             }.get(name, {})
+
+
+def markdown_table(results: dict) -> str:
+    """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
+    lines = ["| method | base tok/s | ours tok/s | × | mem base GB | mem ours@equal GB | valid loss base / ours@equal "
+             "| gen base | gen ours greedy | × | beam ours |", "|" + "---|" * 11]
+    for name, r in results["methods"].items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:80]} |" + " |" * 9)
+            continue
+        b, o, e = r["baseline"], r["ours"], r["ours_equal"]
+        gen_base = f"{b['gen_tokens_per_s']:,.0f}" if "gen_tokens_per_s" in b else "–"
+        lines.append(" | ".join([
+            f"| {name}", f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f}", f"**{r['train_speedup']}**",
+            str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]), f"{b['valid_loss']:.3f} / {e['valid_loss']:.3f}",
+            gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}", f"**{r.get('gen_speedup_greedy', '–')}**",
+            f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]))
+    return "\n".join(lines)
 
 
 def print_table(results: dict) -> None:

@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (train, test, infer):
         p.set_defaults(_config_command=True)
+    grid = sub.add_parser("grid", help="the study: methods x tasks, learning-rate search, data-size ladder")
+    grid.add_argument("--tasks", default="all", help="comma-separated, or all")
+    grid.add_argument("--methods", default="all", help="comma-separated, or all")
+    grid.add_argument("--lr-factors", default="0.5,1,2", help="learning rates tried: the method's default times these")
+    grid.add_argument("--ladder", default="100,500,2000", help="training-set sizes besides the full split ('': none)")
+    grid.add_argument("--token-budget", type=int, default=0, help="real training tokens per run (0: epochs decide)")
+    grid.add_argument("--no-zero-shot", action="store_true")
+    grid.add_argument("--records", default="results", help="where records go (commit these)")
+    grid.add_argument("--work-dir", default="runs/grid", help="where models and checkpoints go")
+    grid.add_argument("--set", action="append", default=[], type=_parse_options, metavar="KEY=VALUE,...",
+                      help="any run setting for every run, e.g. --set max_test_examples=200,data_dir=data")
     report = sub.add_parser("report", help="tables and plots from run records")
     report.add_argument("--records", default="results", help="folder of committed run records")
     report.add_argument("--readme", default="README.md")
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "setup":
         return _setup(args)
+    if args.command == "grid":
+        return _grid(args)
     if args.command == "report":
         from peft_nlg.report import report
         return report(Path(args.records), check=args.check, readme=Path(args.readme))
@@ -145,6 +158,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         inference(config)
         return 0
     raise AssertionError(args.command)
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from peft_nlg.grid import GridSpec, run_grid
+    from peft_nlg.methods import METHODS, get_method
+
+    def names(text, every):
+        return list(every) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+
+    overrides = {}
+    for item in args.set:
+        overrides.update(item)
+    spec = GridSpec(tasks=names(args.tasks, TASKS), methods=[get_method(m).name for m in names(args.methods, METHODS)],
+                    lr_factors=[float(x) for x in args.lr_factors.split(",")],
+                    ladder=[int(x) for x in args.ladder.split(",") if x.strip()], token_budget=args.token_budget,
+                    overrides=overrides, zero_shot=not args.no_zero_shot)
+    records = run_grid(spec, Path(args.records), Path(args.work_dir))
+    print(f"{len(records)} test records in {args.records}; `peft-nlg report --records {args.records}` tabulates them")
+    return 0
 
 
 def _setup(args: argparse.Namespace) -> int:

@@ -182,6 +182,10 @@ def train(config: RunConfig) -> dict:
 
     steps_per_epoch = math.ceil(len(epoch_plan(0)) / config.grad_accum)
     total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
+    if config.train_token_budget and not config.max_steps:
+        # the schedule must end where the budget does: estimate the steps the budget buys
+        tokens_per_epoch = sum(lengths(train_features))
+        total_steps = min(total_steps, math.ceil(config.train_token_budget * steps_per_epoch / tokens_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -120,3 +120,24 @@ def test_run_py_end_to_end(tiny_models, tiny_data, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "translation/p_tuning (beam, 3 examples): bleu" in proc.stdout
+
+
+def test_presets_and_layered_defaults():
+    from peft_nlg.config import build_config
+    config = build_config({"task": "summarization", "method": "LoRA"}, preset="original")
+    assert config.model == "google-t5/t5-small" and config.method == "lora"
+    assert config.learning_rate == 5e-4 and config.method_options["r"] == 16  # defaults/methods.yaml
+    assert config.max_source_tokens == 320  # defaults/tasks.yaml
+    config = build_config({"task": "translation", "method": "lora", "method_options": {"r": 4}})
+    assert config.method_options == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.05}
+    with pytest.raises(ValueError, match="unknown setting"):
+        build_config({"task": "translation", "no_such_setting": 1})
+
+
+def test_tensorboard_logs_are_written(tiny_models, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in _train_args(tiny_models["llama"], tiny_data, out, "dialogue", "lora") if a != "none"]
+    args = args[: args.index("--report-to")] + ["--max-steps", 10]
+    assert _run(*args) == 0
+    events = list((out / "logs").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

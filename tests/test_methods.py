@@ -24,6 +24,24 @@ FAST_LR = {"none": 3e-3, "lora": 1e-2, "prefix_tuning": 1e-1, "p_tuning": 3e-3, 
 CPU = torch.device("cpu")
 
 
+def _perturb_trainable(model, scale=0.3):
+    """Move every trained weight away from its (often identity) initialisation, reproducibly."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def _perturbed(model_dir, method):
+    """A freshly loaded model whose adapter no longer acts as the identity, in eval mode."""
+    torch.manual_seed(0)
+    loaded = _loaded(model_dir, method)
+    _perturb_trainable(loaded.model)
+    loaded.model.eval()
+    return loaded
+
+
 def _loaded(model_dir, method, task="translation"):
     config = build_config({"task": task, "method": method, "model": str(model_dir)})
     return load_for_training(config, CPU, torch.float32)
@@ -75,10 +93,8 @@ def test_training_lowers_loss_and_reloads_with_stock_peft(tiny_models, tmp_path,
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_padded_batch_loss_equals_sum_of_single_losses(tiny_models, arch, method):
     """The training loss of a right-padded batch is exactly the sum over its examples run alone."""
-    torch.manual_seed(0)
-    loaded = _loaded(tiny_models[arch], method)
-    _perturb_trainable(loaded.model)
-    model = loaded.model.eval()
+    loaded = _perturbed(tiny_models[arch], method)
+    model = loaded.model
     features = [loaded.prompter.encode(p) for p in PAIRS]
     pad, seq2seq = loaded.tokenizer.pad_token_id, loaded.family.is_encoder_decoder
     batch, n_targets, _ = training_batch(features, pad, seq2seq)  # as training builds it (no mask: decoder-only)
@@ -90,23 +106,12 @@ def test_padded_batch_loss_equals_sum_of_single_losses(tiny_models, arch, method
     torch.testing.assert_close(batched, sum(loss for loss, _ in singles), rtol=1e-5, atol=1e-4)
 
 
-def _perturb_trainable(model, scale=0.3):
-    """Move every trained weight away from its (often identity) initialisation, reproducibly."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=generator))
-
-
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_generate_uses_the_adapter_as_training_did(tiny_models, arch, method):
     """The first generated token's logits equal the training-style forward pass, and differ from the base."""
-    torch.manual_seed(0)
-    loaded = _loaded(tiny_models[arch], method)
-    _perturb_trainable(loaded.model)
-    model = loaded.model.eval()
+    loaded = _perturbed(tiny_models[arch], method)
+    model = loaded.model
     prompt = torch.tensor([loaded.prompter.prompt_ids(SOURCES[0])])
     mask = torch.ones_like(prompt)
     with torch.no_grad():
@@ -140,10 +145,7 @@ def test_padded_batch_generation_scores_like_one_by_one(tiny_models, arch, metho
     """Every decoding step of a padded batch gives each row the logits it gets alone.
 
     Rows may only part ways where two candidate tokens were tied to within float noise."""
-    torch.manual_seed(0)
-    loaded = _loaded(tiny_models[arch], method)
-    _perturb_trainable(loaded.model)
-    loaded.model.eval()
+    loaded = _perturbed(tiny_models[arch], method)
     prompts = [loaded.prompter.prompt_ids(s) for s in SOURCES]
     assert len({len(p) for p in prompts}) == len(prompts)  # really padded
     with torch.no_grad():
@@ -162,9 +164,7 @@ def test_padded_batch_generation_scores_like_one_by_one(tiny_models, arch, metho
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_generate_returns_text_per_input_in_order(tiny_models, arch, method, search):
-    torch.manual_seed(0)
-    loaded = _loaded(tiny_models[arch], method)
-    _perturb_trainable(loaded.model)
+    loaded = _perturbed(tiny_models[arch], method)
     # min_new_tokens: a random model may stop at once, and empty outputs would prove nothing
     settings = DecodingSettings(search=search, num_beams=3, max_new_tokens=8, min_new_tokens=4)
     batched, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, settings, CPU,
