@@ -91,8 +91,8 @@ def main() -> int:
     ap.add_argument("--baseline-batch", type=int, default=0, help="0: 32 on GPU, 4 on CPU (the recipe's own)")
     ap.add_argument("--baseline-steps", type=int, default=0, help="0: 70 on GPU, 14 on CPU (10 are warm-up)")
     ap.add_argument("--our-steps", type=int, default=0, help="steps of our default-batch run (0: 40 GPU, 8 CPU)")
-    ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 1000 GPU, 16 CPU)")
-    ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 8 on CPU")
+    ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 1000 GPU, 64 CPU)")
+    ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 64 on CPU")
     ap.add_argument("--valid-examples", type=int, default=64)
     args = ap.parse_args()
     if args.render:
@@ -106,8 +106,8 @@ def main() -> int:
     bs = args.baseline_batch or (32 if on_gpu else 4)
     base_steps = args.baseline_steps or (70 if on_gpu else 14)
     our_steps = args.our_steps or (40 if on_gpu else 8)
-    n_gen = args.gen_prompts or (1000 if on_gpu else 16)
-    n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 8)
+    n_gen = args.gen_prompts or (1000 if on_gpu else 64)
+    n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 64)
     work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
     B = load_baseline(Path(args.baseline), work / "baseline")
 

@@ -56,9 +56,9 @@ class RunConfig:
     max_test_examples: int = field(default=0, metadata={"help": "score only the first N test examples (0: all)"})
     test_file: str = field(default="", metadata={"help": "score this JSONL of src/trg instead of the test split"})
     gen_batch_tokens: int = field(default=0, metadata={
-        "help": "prompt + new tokens per generation batch (0: 8192 on CPU, 262144 on GPU)"})
+        "help": "prompt + new tokens per generation batch (0: 32768 on CPU, 262144 on GPU)"})
     gen_max_batch_size: int = field(default=0, metadata={
-        "help": "sequences per generation batch (0: 32 CPU, 1024 GPU)"})
+        "help": "sequences per generation batch (0: 128 CPU, 1024 GPU)"})
     # housekeeping
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})
@@ -69,7 +69,7 @@ class RunConfig:
     def resolved_sizes(self, on_gpu: bool) -> dict:
         """Batch sizes with 0 ("auto") replaced by a sensible value for the device."""
         auto = {"batch_tokens": (4096, 32768), "max_batch_size": (64, 512),
-                "gen_batch_tokens": (8192, 262144), "gen_max_batch_size": (32, 1024)}
+                "gen_batch_tokens": (32768, 262144), "gen_max_batch_size": (128, 1024)}
         return {name: getattr(self, name) or choices[on_gpu] for name, choices in auto.items()}
 
     @property
