@@ -22,6 +22,7 @@ something with the device named in the JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -205,8 +206,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
     prompts = [r["src"] for r in test_rows[:n_gen]]
     for search in ("greedy", "beam"):
-        settings = decoding(gen_config, on_gpu)
-        settings = type(settings)(**{**settings.__dict__, "search": search})
+        settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search)
         _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
                             show_progress=False)
         row[f"ours_gen_{search}"] = stats

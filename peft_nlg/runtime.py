@@ -74,15 +74,30 @@ class Loaded:
     prompter: Prompter
 
 
-def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
-    task, method = get_task(config.task), get_method(config.method)
-    model_path = resolve_model_path(config.model)
+def _load_pieces(config: RunConfig, method: Method, model_path: str, tokenizer_path: str,
+                 weights_dtype: torch.dtype) -> Loaded:
+    """Config -> family -> tokenizer -> model -> prompter: the steps every mode shares (model on the CPU)."""
+    task = get_task(config.task)
     model_config = load_config(model_path, config.trust_remote_code)
     family = family_of(model_config)
-    tokenizer = load_tokenizer(model_path, family, config.trust_remote_code)
-    model = load_model(model_path, family, base_weight_dtype(method, dtype), config.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, family, config.trust_remote_code)
+    model = load_model(model_path, family, weights_dtype, config.trust_remote_code)
+    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
+                               config.max_target_tokens)
+    return Loaded(task, method, family, model_path, model, tokenizer, prompter)
+
+
+def _inference_dtype(dev: torch.device, dtype: torch.dtype) -> torch.dtype:
+    return dtype if dev.type == "cuda" else torch.float32
+
+
+def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
+    method = get_method(config.method)
+    model_path = resolve_model_path(config.model)
+    loaded = _load_pieces(config, method, model_path, model_path, base_weight_dtype(method, dtype))
+    model = loaded.model
     freeze_fixed_tables(model)
-    peft_config = method.peft_config(MethodContext(family, model, model_path, task.instruction),
+    peft_config = method.peft_config(MethodContext(loaded.family, model, model_path, loaded.task.instruction),
                                      config.method_options)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
@@ -90,9 +105,8 @@ def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) 
             if param.requires_grad:
                 param.data = param.data.float()  # trainable weights stay fp32 for the optimizer
         method.ready_for_generation(model)
-    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
-                               config.max_target_tokens)
-    return Loaded(task, method, family, model_path, model.to(dev), tokenizer, prompter)
+    loaded.model = model.to(dev)
+    return loaded
 
 
 def load_trained(run_dir: Path, config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
@@ -100,33 +114,22 @@ def load_trained(run_dir: Path, config: RunConfig, dev: torch.device, dtype: tor
     model_dir = run_dir / "model"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no trained model; run `peft-nlg train` first")
-    task, method = get_task(config.task), get_method(config.method)
+    method = get_method(config.method)
     is_adapter = (model_dir / ADAPTER_CONFIG).is_file()
     model_path = resolve_model_path(config.model) if is_adapter else str(model_dir)
-    model_config = load_config(model_path, config.trust_remote_code)
-    family = family_of(model_config)
-    tokenizer = load_tokenizer(str(model_dir), family, config.trust_remote_code)
-    weights_dtype = dtype if dev.type == "cuda" else torch.float32
-    model = load_model(model_path, family, weights_dtype, config.trust_remote_code)
+    loaded = _load_pieces(config, method, model_path, str(model_dir), _inference_dtype(dev, dtype))
     if is_adapter:
-        model = method.ready_for_generation(PeftModel.from_pretrained(model, str(model_dir)))
-    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
-                               config.max_target_tokens)
-    return Loaded(task, method, family, model_path, model.to(dev).eval(), tokenizer, prompter)
+        loaded.model = method.ready_for_generation(PeftModel.from_pretrained(loaded.model, str(model_dir)))
+    loaded.model = loaded.model.to(dev).eval()
+    return loaded
 
 
 def load_base(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:
     """The untrained base model (the zero-shot floor)."""
-    task, method = get_task(config.task), get_method("none")
     model_path = resolve_model_path(config.model)
-    model_config = load_config(model_path, config.trust_remote_code)
-    family = family_of(model_config)
-    tokenizer = load_tokenizer(model_path, family, config.trust_remote_code)
-    model = load_model(model_path, family, dtype if dev.type == "cuda" else torch.float32,
-                       config.trust_remote_code)
-    prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
-                               config.max_target_tokens)
-    return Loaded(task, method, family, model_path, model.to(dev).eval(), tokenizer, prompter)
+    loaded = _load_pieces(config, get_method("none"), model_path, model_path, _inference_dtype(dev, dtype))
+    loaded.model = loaded.model.to(dev).eval()
+    return loaded
 
 
 def peak_memory_gb(dev: torch.device) -> dict:
