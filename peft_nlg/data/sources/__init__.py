@@ -35,3 +35,12 @@ def run(cmd: list[str], cwd: Path | None = None) -> bytes:
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
         raise DataError(" ".join(cmd), f"exited with status {done.returncode}: {' | '.join(tail)}")
     return done.stdout
+
+
+def first_file(raw_dir: Path, relative_paths: tuple[str | Path, ...], hint: str) -> Path:
+    """The first of ``relative_paths`` that exists under ``raw_dir``; else a DataError naming the first."""
+    for relative in relative_paths:
+        candidate = Path(raw_dir) / relative
+        if candidate.is_file():
+            return candidate
+    raise DataError(Path(raw_dir) / relative_paths[0], hint)

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from peft_nlg.data.io import DataError
-from peft_nlg.data.sources import normalise_space, run
+from peft_nlg.data.sources import first_file, normalise_space, run
 
 PACKAGE, VERSION = "chitchat-dataset", "0.9.0"
 DATA_PATH = Path("chitchat_dataset/dataset.json")
@@ -25,11 +25,8 @@ PER_CONVERSATION = 6        # examples kept per conversation (chosen by hash): ~
 
 
 def dataset_file(raw_dir: Path) -> Path:
-    for candidate in (Path(raw_dir) / DATA_PATH, Path(raw_dir) / "dataset.json"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(Path(raw_dir) / DATA_PATH, f"chitchat dataset not found (run fetch, or pip download "
-                                               f"{PACKAGE}=={VERSION} and unzip the wheel there)")
+    hint = f"chitchat dataset not found (run fetch, or pip download {PACKAGE}=={VERSION} and unzip the wheel there)"
+    return first_file(raw_dir, (DATA_PATH, "dataset.json"), hint)
 
 
 def fetch(raw_dir: Path) -> None:

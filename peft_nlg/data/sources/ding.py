@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from peft_nlg.data.io import DataError
-from peft_nlg.data.sources import normalise_space, run
+from peft_nlg.data.sources import first_file, normalise_space, run
 
 PACKAGE = "trans-de-en"
 DICT_PATH = Path("usr/share/trans/de-en")       # inside the extracted package
@@ -28,11 +28,8 @@ _INNER_STOP = re.compile(r"[.!?] +[A-ZÄÖÜ]")
 
 def dictionary_file(raw_dir: Path) -> Path:
     """The dictionary inside ``raw_dir``: the extracted package, or a bare ``de-en`` copy."""
-    for candidate in (Path(raw_dir) / DICT_PATH, Path(raw_dir) / "de-en"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(Path(raw_dir) / DICT_PATH, f"Ding dictionary not found (run fetch, or apt-get download "
-                                               f"{PACKAGE} and dpkg -x it there)")
+    hint = f"Ding dictionary not found (run fetch, or apt-get download {PACKAGE} and dpkg -x it there)"
+    return first_file(raw_dir, (DICT_PATH, "de-en"), hint)
 
 
 def fetch(raw_dir: Path) -> None:
