@@ -12,7 +12,6 @@ rate that was best on validation, and the ladder reuses that learning rate.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +106,3 @@ def stable_view(record: dict) -> dict:
     if isinstance(record, list):
         return [stable_view(v) for v in record]
     return record
-
-
-def clean_work(work_dir: Path) -> None:
-    shutil.rmtree(work_dir, ignore_errors=True)

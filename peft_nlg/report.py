@@ -32,7 +32,7 @@ def load_records(root: Path) -> list[dict]:
 
 def _is_headline(record: dict) -> bool:
     """The table shows full-data runs chosen on validation; ladder runs (subsets) feed the learning curves."""
-    return record.get("selected", True) and not record.get("config", {}).get("train_examples")
+    return record.get("grid", {}).get("selected", True) and not record.get("config", {}).get("train_examples")
 
 
 def _cell(record: dict | None, task: str) -> str:

@@ -176,15 +176,17 @@ def train(config: RunConfig) -> dict:
     valid_batches = to_batches(valid_features, token_budget_batches(
         lengths(valid_features), sizes["batch_tokens"], sizes["max_batch_size"]))
 
+    train_lengths = lengths(train_features)
+
     def epoch_plan(epoch: int) -> list[list[int]]:  # seeded per epoch, so a resumed run replays the same order
-        return token_budget_batches(lengths(train_features), sizes["batch_tokens"], sizes["max_batch_size"],
+        return token_budget_batches(train_lengths, sizes["batch_tokens"], sizes["max_batch_size"],
                                     shuffle=True, seed=config.seed + epoch)
 
     steps_per_epoch = math.ceil(len(epoch_plan(0)) / config.grad_accum)
     total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
     if config.train_token_budget and not config.max_steps:
         # the schedule must end where the budget does: estimate the steps the budget buys
-        tokens_per_epoch = sum(lengths(train_features))
+        tokens_per_epoch = sum(train_lengths)
         total_steps = min(total_steps, math.ceil(config.train_token_budget * steps_per_epoch / tokens_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
 
