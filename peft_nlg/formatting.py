@@ -33,35 +33,45 @@ class Prompter:
             prefix = params.get(task.config_task_key, {}).get("prefix", "")
         return cls(task, family, tokenizer, max_source_tokens, max_target_tokens, prefix)
 
-    def _source_ids(self, src: str) -> list[int]:
-        ids = self.tokenizer(src, add_special_tokens=False)["input_ids"]
-        return ids[: self.max_source_tokens]
+    def _source_texts(self, sources: list[str]) -> list[str]:
+        # truncate in tokens, then go back to text so the template (or prefix) wraps whole tokens
+        ids = self.tokenizer(list(sources), add_special_tokens=False)["input_ids"]
+        return self.tokenizer.batch_decode([i[: self.max_source_tokens] for i in ids])
+
+    def _wrap(self, source: str) -> str:
+        tok = self.tokenizer
+        if self.family.is_encoder_decoder:
+            return self.prefix + source
+        if tok.chat_template:
+            messages = [{"role": "system", "content": self.task.instruction}, {"role": "user", "content": source}]
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return f"{self.task.instruction}\n\n{source}\n\n"
+
+    def prompts(self, sources: list[str]) -> list[list[int]]:
+        """Token ids the model is given at generation time, one list per source (tokenised in one batch)."""
+        texts = [self._wrap(s) for s in self._source_texts(sources)]
+        # encoder-decoder: special tokens (e.g. the closing </s>) come from the tokenizer's post-processing
+        return self.tokenizer(texts, add_special_tokens=self.family.is_encoder_decoder)["input_ids"]
 
     def prompt_ids(self, src: str) -> list[int]:
-        """Token ids the model is given at generation time."""
-        tok = self.tokenizer
-        if self.family.is_encoder_decoder:
-            # special tokens (e.g. the closing </s>) come from the tokenizer's own post-processing
-            text = self.prefix + tok.decode(self._source_ids(src))
-            return tok(text, add_special_tokens=True)["input_ids"]
-        source = tok.decode(self._source_ids(src))
-        if tok.chat_template:
-            messages = [{"role": "system", "content": self.task.instruction},
-                        {"role": "user", "content": source}]
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = f"{self.task.instruction}\n\n{source}\n\n"
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return self.prompts([src])[0]
 
-    def target_ids(self, trg: str) -> list[int]:
+    def targets(self, targets: list[str]) -> list[list[int]]:
         tok = self.tokenizer
-        ids = tok(trg, add_special_tokens=False)["input_ids"][: self.max_target_tokens - 1]
-        return ids + [tok.eos_token_id]  # every target ends in EOS, so the model learns where to stop
+        ids = tok(list(targets), add_special_tokens=False)["input_ids"]
+        # every target ends in EOS, so the model learns where to stop
+        return [i[: self.max_target_tokens - 1] + [tok.eos_token_id] for i in ids]
+
+    def encode_many(self, examples: list[dict]) -> list[dict]:
+        """Training features: encoder-decoder keeps source and target apart; decoder-only concatenates."""
+        if not examples:
+            return []
+        prompts = self.prompts([e["src"] for e in examples])
+        targets = self.targets([e["trg"] for e in examples])
+        pairs = zip(prompts, targets, strict=True)
+        if self.family.is_encoder_decoder:
+            return [{"input_ids": p, "labels": t} for p, t in pairs]
+        return [{"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t} for p, t in pairs]
 
     def encode(self, example: dict) -> dict:
-        """Training features: encoder-decoder keeps source and target apart; decoder-only concatenates."""
-        prompt, target = self.prompt_ids(example["src"]), self.target_ids(example["trg"])
-        if self.family.is_encoder_decoder:
-            return {"input_ids": prompt, "labels": target}
-        return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
-
+        return self.encode_many([example])[0]

@@ -37,7 +37,7 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
              ) -> tuple[list[str], dict]:
     """Generate one output per source; returns texts in input order and speed statistics."""
     model.eval()
-    prompts = [{"input_ids": prompter.prompt_ids(s)} for s in sources]
+    prompts = [{"input_ids": ids} for ids in prompter.prompts(sources)]
     # beams multiply the live sequences, so shrink the prompt budget to keep memory flat
     width = settings.num_beams if settings.search == "beam" else 1
     batches = token_budget_batches([len(p["input_ids"]) + settings.max_new_tokens for p in prompts],

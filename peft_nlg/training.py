@@ -59,6 +59,22 @@ def subset(examples: list[dict], n: int, seed: int) -> list[dict]:
     return [examples[i] for i in keep]
 
 
+_ENCODED: dict[tuple, list[dict]] = {}
+
+
+def encoded_split(config: RunConfig, prompter, split: str) -> list[dict]:
+    """Token ids of a split; kept for the process, so a grid encodes each split once, not once per run."""
+    path = split_path(config, split)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, prompter.tokenizer.name_or_path,
+           prompter.family.name, prompter.prefix, config.max_source_tokens, config.max_target_tokens)
+    if key not in _ENCODED:
+        if len(_ENCODED) >= 6:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[key] = prompter.encode_many(read_pairs(path))
+    return _ENCODED[key]
+
+
 def _prepare_run_dir(config: RunConfig) -> bool:
     """Create the run directory; returns True when resuming. Never replaces results silently."""
     out = config.out
@@ -154,10 +170,8 @@ def train(config: RunConfig) -> dict:
     sizes = config.resolved_sizes(dev.type == "cuda")
 
     # data: encode once, then cut length-grouped batches under the token budget
-    train_examples = subset(read_pairs(split_path(config, "train")), config.train_examples, config.seed)
-    valid_examples = read_pairs(split_path(config, "valid"))[: config.max_valid_examples]
-    train_features = [loaded.prompter.encode(e) for e in train_examples]
-    valid_features = [loaded.prompter.encode(e) for e in valid_examples]
+    train_features = subset(encoded_split(config, loaded.prompter, "train"), config.train_examples, config.seed)
+    valid_features = encoded_split(config, loaded.prompter, "valid")[: config.max_valid_examples]
 
     def lengths(features):
         return [len(f["input_ids"]) + (len(f["labels"]) if family.is_encoder_decoder else 0) for f in features]
@@ -288,7 +302,7 @@ def train(config: RunConfig) -> dict:
         "model": config.model, "family": family.name,
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "steps": state["step"], "epochs_done": state["epoch"] + state["batch_in_epoch"] / max(1, len(steps)),
-        "train_examples": len(train_examples), "train_tokens": state["tokens"],
+        "train_examples": len(train_features), "train_tokens": state["tokens"],
         "train_seconds": round(state["train_seconds"], 2),
         "train_tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
         "steady_tokens_per_s": steady_rate(state["step_times"]),

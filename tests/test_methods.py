@@ -176,3 +176,18 @@ def test_generate_returns_text_per_input_in_order(tiny_models, arch, method, sea
         single = [generate(loaded.model, loaded.tokenizer, loaded.prompter, [s], settings, CPU,
                            show_progress=False)[0][0] for s in SOURCES]
         assert batched == single
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_encoding_matches_one_by_one(tiny_models, arch):
+    """Splits are tokenised in one batch: each example must get the ids it gets alone, truncation included."""
+    config = build_config({"task": "translation", "model": str(tiny_models[arch]), "max_source_tokens": 6,
+                           "max_target_tokens": 5})
+    prompter = load_for_training(config, CPU, torch.float32).prompter
+    together = prompter.encode_many(PAIRS)
+    alone = [prompter.encode_many([p])[0] for p in PAIRS]
+    assert together == alone
+    eos = prompter.tokenizer.eos_token_id
+    for feature in together:
+        answer = [t for t in feature["labels"] if t != -100]
+        assert len(answer) <= 5 and answer[-1] == eos
