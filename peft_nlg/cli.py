@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--methods", default="all", help="comma-separated, or all")
     grid.add_argument("--lr-factors", default="0.5,1,2", help="learning rates tried: the method's default times these")
     grid.add_argument("--ladder", default="100,500,2000", help="training-set sizes besides the full split ('': none)")
-    grid.add_argument("--token-budget", type=int, default=0, help="real training tokens per run (0: epochs decide)")
+    grid.add_argument("--token-budget", type=_token_budget, default=0, metavar="N|TASK=N,...",
+                      help="real training tokens per run, one number or per task (0: epochs decide)")
+    grid.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
+                      help="start no run that would end after this (a GPU slot); rerun to go on")
+    grid.add_argument("--plan", action="store_true", help="list the grid's runs and which are done; run nothing")
     grid.add_argument("--no-zero-shot", action="store_true")
     grid.add_argument("--records", default="results", help="where records go (commit these)")
     grid.add_argument("--work-dir", default="runs/grid", help="where models and checkpoints go")
@@ -160,8 +164,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _token_budget(text: str) -> int | dict[str, int]:
+    if "=" not in text:
+        return int(float(text))
+    budget = {}
+    for item in text.split(","):
+        task, _, value = item.partition("=")
+        if task.strip() not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task '{task.strip()}' in --token-budget")
+        budget[task.strip()] = int(float(value))
+    return budget
+
+
 def _grid(args: argparse.Namespace) -> int:
-    from peft_nlg.grid import GridSpec, run_grid
+    from peft_nlg.grid import GridSpec, plan, run_grid
     from peft_nlg.methods import METHODS, get_method
 
     def names(text, every):
@@ -173,7 +189,13 @@ def _grid(args: argparse.Namespace) -> int:
     spec = GridSpec(tasks=names(args.tasks, TASKS), methods=[get_method(m).name for m in names(args.methods, METHODS)],
                     lr_factors=[float(x) for x in args.lr_factors.split(",")],
                     ladder=[int(x) for x in args.ladder.split(",") if x.strip()], token_budget=args.token_budget,
-                    overrides=overrides, zero_shot=not args.no_zero_shot)
+                    overrides=overrides, zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit)
+    if args.plan:
+        rows = plan(spec, Path(args.records))
+        for name, finished in rows:
+            print(f"{'done' if finished else 'todo'}  {name}")
+        print(f"{sum(f for _, f in rows)} of {len(rows)} runs done")
+        return 0
     records = run_grid(spec, Path(args.records), Path(args.work_dir))
     print(f"{len(records)} test records in {args.records}; `peft-nlg report --records {args.records}` tabulates them")
     return 0

@@ -12,6 +12,7 @@ rate that was best on validation, and the ladder reuses that learning rate.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,31 +33,65 @@ class GridSpec:
     methods: list[str]
     lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     ladder: list[int] = field(default_factory=list)  # training-set sizes besides the full split
-    token_budget: int = 0                            # real training tokens per run (0: --epochs decides)
+    token_budget: int | dict[str, int] = 0           # real training tokens per run, or per task (0: epochs decide)
     overrides: dict = field(default_factory=dict)    # any RunConfig field, for every run
     zero_shot: bool = True
+    time_limit_s: float = 0.0                        # stop before a run that would not end in time (0: no limit)
 
-    def budget_overrides(self) -> dict:
+    def base_overrides(self, task: str) -> dict:
+        budget = self.token_budget.get(task, 0) if isinstance(self.token_budget, dict) else self.token_budget
         # with a budget in tokens the number of epochs stops mattering: the budget ends training
-        return {"train_token_budget": self.token_budget, "epochs": 1000.0} if self.token_budget else {}
+        budget_fields = {"train_token_budget": budget, "epochs": 1000.0} if budget else {}
+        return {**budget_fields, **self.overrides, "task": task}
+
+    def learning_rates(self, task: str, method: str) -> list[float]:
+        default_lr = build_config({**self.base_overrides(task), "method": method}).learning_rate
+        return [float(f"{default_lr * factor:.3g}") for factor in self.lr_factors]
+
+
+class OutOfTime(Exception):
+    pass
+
+
+class _Clock:
+    """Refuses to start a unit of work that the time limit would cut off (its work dir may not survive)."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s, self.started, self.longest = limit_s, time.monotonic(), {}
+
+    def run(self, task: str, work, *args, **kwargs):
+        elapsed = time.monotonic() - self.started
+        expected = self.longest.get(task, max(self.longest.values(), default=0.0))
+        # the first unit always runs, so every invocation makes progress
+        if self.limit_s and self.longest and elapsed + 1.2 * expected > self.limit_s:
+            raise OutOfTime(f"{elapsed:.0f} s spent, the next {task} run takes about {expected:.0f} s")
+        begun = time.monotonic()
+        result = work(*args, **kwargs)
+        self.longest[task] = max(self.longest.get(task, 0.0), time.monotonic() - begun)
+        return result
 
 
 def _run_name(lr: float, examples: int) -> str:
     return f"lr{lr:g}-n{examples or 'all'}"
 
 
-def _train_once(overrides: dict, work: Path) -> dict:
-    record_path = work / "train_record.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
-    resume = (work / "checkpoint" / "state.json").is_file()
-    config = build_config({**overrides, "output_dir": str(work), "resume": resume, "overwrite": not resume})
-    return train(config)
+def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool) -> dict:
+    """Train unless done; the record is kept under the records (so a learning-rate search survives a lost
+    work dir), the model only in the work dir: a run whose model is needed but gone is trained again."""
+    local = work / "train_record.json"
+    if local.is_file() and (work / "model").is_dir():
+        record = json.loads(local.read_text())
+    elif record_dst.is_file() and not need_model:
+        return json.loads(record_dst.read_text())
+    else:
+        resume = (work / "checkpoint" / "state.json").is_file()
+        record = train(build_config({**overrides, "output_dir": str(work), "resume": resume, "overwrite": not resume}))
+    if not record_dst.is_file():
+        write_json(record_dst, {k: v for k, v in record.items() if k != "step_times"})
+    return record
 
 
 def _test_once(overrides: dict, work: Path, record_dst: Path, extra: dict, zero_shot: bool = False) -> dict:
-    if record_dst.is_file():
-        return json.loads(record_dst.read_text())
     config = build_config({**overrides, "output_dir": str(work), "overwrite": True})
     record = test(config, zero_shot=zero_shot)
     record.update(extra)
@@ -64,39 +99,97 @@ def _test_once(overrides: dict, work: Path, record_dst: Path, extra: dict, zero_
     return record
 
 
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _train_and_test(overrides: dict, work: Path, record_dst: Path, grid_fields: dict) -> dict:
+    _train_once(overrides, work, record_dst.with_name("record-train.json"), need_model=True)
+    return _test_once(overrides, work, record_dst, {"grid": grid_fields})
+
+
 def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[dict]:
-    done = []
+    """Phase 1 fills the results table (zero-shot, search, selected run on the full split) task by task;
+    phase 2 runs the data-size ladder. Returns the test records, reused ones included."""
+    clock, done = _Clock(spec.time_limit_s), []
+
+    def tested(task: str, dst: Path, work, *args, **kwargs):
+        record = _read(dst) or clock.run(task, work, *args, **kwargs)
+        done.append(record)
+        log(f"{task}/{record['method']} {dst.parent.name}: {record['scores']}")
+
+    try:
+        for task in spec.tasks:
+            base = spec.base_overrides(task)
+            if spec.zero_shot:
+                dst = records / task / "zero_shot" / "record-test-greedy.json"
+                tested(task, dst, _test_once, {**base, "method": "none"}, work_dir / task / "zero_shot", dst,
+                       {"grid": {"selected": True}}, zero_shot=True)
+            for method in spec.methods:
+                best_lr = _search(spec, task, method, records, work_dir, clock, log)
+                run = _run_name(best_lr, 0)
+                dst = records / task / method / run / "record-test-greedy.json"
+                tested(task, dst, _train_and_test, {**base, "method": method, "learning_rate": best_lr},
+                       work_dir / task / method / run, dst,
+                       {"selected": True, "learning_rate": best_lr, "train_examples": None})
+        for task in spec.tasks:
+            for method in spec.methods if spec.ladder else []:
+                best_lr = json.loads((records / task / method / "lr_search.json").read_text())["selected_lr"]
+                for examples in spec.ladder:
+                    run = _run_name(best_lr, examples)
+                    dst = records / task / method / run / "record-test-greedy.json"
+                    overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
+                                 "train_examples": examples}
+                    tested(task, dst, _train_and_test, overrides, work_dir / task / method / run, dst,
+                           {"selected": False, "learning_rate": best_lr, "train_examples": examples})
+    except OutOfTime as stop:
+        log(f"time limit: {stop}; {len(done)} test records so far. Run the same command again to go on.")
+    return done
+
+
+def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock, log) -> float:
+    """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used)."""
+    search = {}
+    for lr in spec.learning_rates(task, method):
+        run = _run_name(lr, 0)
+        overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
+        dst = records / task / method / run / "record-train.json"
+        record = _read(dst) or clock.run(task, _train_once, overrides, work_dir / task / method / run, dst,
+                                         need_model=False)
+        search[lr] = record["best_valid_loss"]
+        log(f"{task}/{method} lr {lr:g}: valid loss {record['best_valid_loss']:.4f}")
+    best_lr = min(search, key=search.get)
+    summary = {"task": task, "method": method, "valid_loss_by_lr": {f"{k:g}": v for k, v in search.items()},
+               "selected_lr": best_lr}
+    path = records / task / method / "lr_search.json"
+    if _read(path) != summary:
+        write_json(path, summary)
+    return best_lr
+
+
+def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
+    """Every run of the grid and whether its record exists, in the order the grid runs them."""
+    rows = []
     for task in spec.tasks:
-        base = {**spec.budget_overrides(), **spec.overrides, "task": task}
         if spec.zero_shot:
             dst = records / task / "zero_shot" / "record-test-greedy.json"
-            done.append(_test_once({**base, "method": "none"}, work_dir / task / "zero_shot", dst,
-                                   {"grid": {"selected": True}}, zero_shot=True))
-            log(f"{task}/zero_shot: {done[-1]['scores']}")
+            rows.append((f"{task}/zero_shot test", dst.is_file()))
         for method in spec.methods:
-            default_lr = build_config({**base, "method": method}).learning_rate
-            search = {}
-            for factor in spec.lr_factors:
-                lr = float(f"{default_lr * factor:.3g}")
-                work = work_dir / task / method / _run_name(lr, 0)
-                record = _train_once({**base, "method": method, "learning_rate": lr}, work)
-                search[lr] = record["best_valid_loss"]
-                log(f"{task}/{method} lr {lr:g}: valid loss {record['best_valid_loss']:.4f}")
-            best_lr = min(search, key=search.get)
-            search_path = records / task / method / "lr_search.json"
-            summary = {"task": task, "method": method, "valid_loss_by_lr": {f"{k:g}": v for k, v in search.items()},
-                       "selected_lr": best_lr}
-            if not search_path.is_file() or json.loads(search_path.read_text()) != summary:
-                write_json(search_path, summary)
-            for examples in [0, *spec.ladder]:
-                work = work_dir / task / method / _run_name(best_lr, examples)
-                overrides = {**base, "method": method, "learning_rate": best_lr, "train_examples": examples}
-                _train_once(overrides, work)
-                dst = records / task / method / _run_name(best_lr, examples) / "record-test-greedy.json"
-                done.append(_test_once(overrides, work, dst, {"grid": {
-                    "selected": examples == 0, "learning_rate": best_lr, "train_examples": examples or None}}))
-                log(f"{task}/{method} {_run_name(best_lr, examples)}: {done[-1]['scores']}")
-    return done
+            lrs = spec.learning_rates(task, method)
+            rows += [(f"{task}/{method} {_run_name(lr, 0)} train",
+                      (records / task / method / _run_name(lr, 0) / "record-train.json").is_file()) for lr in lrs]
+            search = _read(records / task / method / "lr_search.json")
+            selected = _run_name(search["selected_lr"], 0) if search else "selected lr"
+            rows.append((f"{task}/{method} {selected} test", bool(search) and (
+                records / task / method / selected / "record-test-greedy.json").is_file()))
+    for task in spec.tasks:
+        for method in spec.methods:
+            search = _read(records / task / method / "lr_search.json")
+            for examples in spec.ladder:
+                name = _run_name(search["selected_lr"], examples) if search else f"n{examples}"
+                rows.append((f"{task}/{method} {name} train+test", bool(search) and (
+                    records / task / method / name / "record-test-greedy.json").is_file()))
+    return rows
 
 
 def stable_view(record: dict) -> dict:

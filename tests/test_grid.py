@@ -4,7 +4,7 @@ whose README table can be checked against them."""
 import json
 
 from peft_nlg import cli
-from peft_nlg.grid import GridSpec, run_grid, stable_view
+from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
 from peft_nlg.report import END, START, load_records, main_table, report
 
 
@@ -55,3 +55,31 @@ def test_grid_command_line(tiny_models, tiny_data, tmp_path):
                      f"model={tiny_models['t5']},data_dir={tiny_data},report_to=none,max_new_tokens=3"]) == 0
     records = load_records(tmp_path / "rec")
     assert [(r["task"], r["method"]) for r in records] == [("dialogue", "prompt_tuning")]
+
+
+def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tmp_path):
+    """GPU slots end and take their disks along: a grid stopped by its time limit, or resumed on a machine
+    without the work dir, finishes with the records an uninterrupted grid gives."""
+    spec = _spec(tiny_models, tiny_data)
+    records, quiet = tmp_path / "rec", (lambda *_: None)
+    spec.time_limit_s = 1e-6  # room for the first run only
+    assert len(run_grid(spec, records, tmp_path / "work-a", log=quiet)) == 1
+    assert [name for name, finished in plan(spec, records) if finished] == ["translation/zero_shot test"]
+
+    spec.time_limit_s = 0
+    finished = run_grid(spec, records, tmp_path / "work-b", log=quiet)
+    assert all(finished_ for _, finished_ in plan(spec, records))
+    uninterrupted = run_grid(_spec(tiny_models, tiny_data), tmp_path / "rec-ref", tmp_path / "work-ref", log=quiet)
+    assert [stable_view(r) for r in finished] == [stable_view(r) for r in uninterrupted]
+
+    # a new machine: the learning-rate search is read from its records, the selected model is trained again
+    search_records = {p: p.stat().st_mtime_ns for p in records.rglob("record-train.json")}
+    selected = next(records.joinpath("translation", "lora").glob("lr*-nall/record-test-greedy.json"))
+    original = json.loads(selected.read_text())
+    selected.unlink()
+    again = run_grid(spec, records, tmp_path / "work-c", log=quiet)
+    assert stable_view(json.loads(selected.read_text())) == stable_view(original)
+    assert search_records == {p: p.stat().st_mtime_ns for p in records.rglob("record-train.json")}
+    trained = [p.relative_to(tmp_path / "work-c") for p in (tmp_path / "work-c").glob("*/*/*")]
+    assert [str(p) for p in trained] == [f"translation/lora/{selected.parent.name}"]  # nothing else ran
+    assert len(again) == len(finished)
