@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 1000 GPU, 64 CPU)")
     ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 64 on CPU")
     ap.add_argument("--valid-examples", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
     args = ap.parse_args()
     if args.render:
         print(markdown_table(json.loads(Path(args.render).read_text())))
@@ -206,7 +207,11 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
     prompts = [r["src"] for r in test_rows[:n_gen]]
     for search in ("greedy", "beam"):
-        settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search)
+        # no n-gram blocking: the recipe has none, and equal work needs every prompt to run to the limit
+        settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search, no_repeat_ngram=0)
+        # warm-up (kernel loading, allocator growth) outside the timing, for both recipes, as in training
+        generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts[:8],
+                 dataclasses.replace(settings, max_new_tokens=4), dev, dtype, show_progress=False)
         _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
                             show_progress=False)
         row[f"ours_gen_{search}"] = stats
@@ -215,6 +220,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
         if peft_config is not None:
             model = get_peft_model(model, B.peft_cfg(name))
+        B.generate(model, base_tok, "dialogue", test_rows[:8])  # warm-up, as for ours
         _, tps = B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])
         row["baseline"]["gen_tokens_per_s"] = round(tps, 1)
         del model
@@ -225,9 +231,18 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                             "learning_rate": lr, "eval_every": 10**9, "max_valid_examples": 8})
     reset_peak_memory(dev)
     record = train(default)
+    row_loss = record["history"][-1]["train_loss"]
     row["ours"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
                    "tokens_per_step": round(record["train_tokens"] / record["steps"]),
                    "trainable_params": record["trainable_params"]}
+    if args.compile:  # the same run with compiled blocks: its first steps (compilation) fall in the warm-up
+        compiled = dataclasses.replace(default, compile=True, output_dir=str(work / name / "compiled"))
+        record = train(compiled)
+        row["ours_compiled"] = {"tokens_per_s": record["steady_tokens_per_s"],
+                                "peak_memory_gb": record["peak_memory_gb"], "first_step_s": record["step_times"][0][0],
+                                "train_loss_last": record["history"][-1]["train_loss"],
+                                "train_loss_last_eager": row_loss}
+        row["compile_speedup"] = round(record["steady_tokens_per_s"] / row["ours"]["tokens_per_s"], 2)
     fpt = flops_per_token(config, name == "none")
     if on_gpu:
         peak_flops = 989e12  # dense bf16 spec of the H100 SXM and the H200
@@ -254,8 +269,10 @@ def _baseline_like_options(name: str) -> dict:
 
 def markdown_table(results: dict) -> str:
     """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
+    compiled = any("compile_speedup" in r for r in results["methods"].values())
     lines = ["| method | base tok/s | ours tok/s | × | mem base GB | mem ours@equal GB | valid loss base / ours@equal "
-             "| gen base | gen ours greedy | × | beam ours |", "|" + "---|" * 11]
+             "| gen base | gen ours greedy | × | beam ours |" + (" compiled tok/s (× eager) |" if compiled else ""),
+             "|" + "---|" * (12 if compiled else 11)]
     for name, r in results["methods"].items():
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} |" + " |" * 9)
@@ -266,7 +283,8 @@ def markdown_table(results: dict) -> str:
             f"| {name}", f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f}", f"**{r['train_speedup']}**",
             str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]), f"{b['valid_loss']:.3f} / {e['valid_loss']:.3f}",
             gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}", f"**{r.get('gen_speedup_greedy', '–')}**",
-            f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]))
+            f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
+            f" {r['ours_compiled']['tokens_per_s']:,.0f} ({r['compile_speedup']}) |" if compiled else ""))
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"})
     gradient_checkpointing: bool = False
+    compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block (training)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
     patience: int = field(default=3, metadata={"help": "early stopping: validations without improvement"})
     max_valid_examples: int = 500
@@ -53,6 +54,8 @@ class RunConfig:
     search: str = field(default="greedy", metadata={"help": "greedy or beam"})
     num_beams: int = 4
     max_new_tokens: int = field(default=0, metadata={"help": "0: the task's default"})
+    no_repeat_ngram: int = field(default=0, metadata={
+        "help": "never repeat an n-gram of this size within one output (0: off; the dialogue task uses 3)"})
     max_test_examples: int = field(default=0, metadata={"help": "score only the first N test examples (0: all)"})
     test_file: str = field(default="", metadata={"help": "score this JSONL of src/trg instead of the test split"})
     gen_batch_tokens: int = field(default=0, metadata={

@@ -37,8 +37,8 @@ def trained_config(config: RunConfig) -> RunConfig:
         raise FileNotFoundError(f"{saved_path}: no training run here; run `peft-nlg train` first "
                                 "(or pass --output-dir of a trained run)")
     saved = load_config_file(saved_path)
-    for name in ("search", "num_beams", "max_new_tokens", "max_test_examples", "test_file", "gen_batch_tokens",
-                 "gen_max_batch_size", "overwrite", "data_dir", "threads"):
+    for name in ("search", "num_beams", "max_new_tokens", "no_repeat_ngram", "max_test_examples", "test_file",
+                 "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir", "threads"):
         setattr(saved, name, getattr(config, name))
     return saved
 
@@ -47,7 +47,8 @@ def decoding(config: RunConfig, on_gpu: bool) -> DecodingSettings:
     sizes = config.resolved_sizes(on_gpu)
     return DecodingSettings(search=config.search, num_beams=config.num_beams,
                             max_new_tokens=config.max_new_tokens or get_task(config.task).max_new_tokens,
-                            batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"])
+                            batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"],
+                            no_repeat_ngram=config.no_repeat_ngram)
 
 
 def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object, object]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from peft_nlg.batching import collate, token_budget_batches
 from peft_nlg.formatting import Prompter
@@ -21,6 +22,7 @@ class DecodingSettings:
     min_new_tokens: int = 0
     batch_tokens: int = 16384
     max_batch_size: int = 64
+    no_repeat_ngram: int = 0
 
     def generate_kwargs(self) -> dict:
         lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens or None}
@@ -29,6 +31,28 @@ class DecodingSettings:
         if self.search == "beam":
             return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True, **lengths}
         raise ValueError(f"search must be greedy or beam, not '{self.search}'")
+
+
+class NoRepeatInOutput(LogitsProcessor):
+    """Never repeat an n-gram within one output.
+
+    Unlike transformers' ``no_repeat_ngram_size``, only the generated tokens count: a decoder-only model's
+    prompt (the conversation, the chat template) may be echoed, and the check is a few tensor operations per
+    step instead of a Python loop over every sequence.
+    """
+
+    def __init__(self, n: int, prompt_width: int):
+        self.n, self.prompt_width = n, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_width:]
+        if generated.shape[1] < self.n:
+            return scores
+        windows = generated.unfold(1, self.n, 1)                        # every n-gram so far: [rows, k, n]
+        current = generated[:, generated.shape[1] - self.n + 1:]        # the n-1 tokens just produced
+        repeats = (windows[:, :, :-1] == current[:, None, :]).all(-1)   # n-grams that would be closed again
+        hits = torch.zeros_like(scores).scatter_add_(1, windows[:, :, -1], repeats.to(scores.dtype))
+        return scores.masked_fill(hits > 0, float("-inf"))
 
 
 @torch.no_grad()
@@ -52,8 +76,12 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
         batch = {k: v.to(dev) for k, v in batch.items()}
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             # padding is never a word: suppressing it keeps an undertrained model from "writing" blanks
+            processors = LogitsProcessorList()
+            if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
+                width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
+                processors.append(NoRepeatInOutput(settings.no_repeat_ngram, width))
             generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, suppress_tokens=[pad],
-                                       **settings.generate_kwargs())
+                                       logits_processor=processors, **settings.generate_kwargs())
         if not prompter.family.is_encoder_decoder:
             generated = generated[:, batch["input_ids"].shape[1]:]
         for row, index in zip(generated.tolist(), indices, strict=True):

@@ -26,7 +26,7 @@ from peft_nlg.batching import token_budget_batches, training_batch
 from peft_nlg.config import RunConfig, save_config
 from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.loss import summed_loss
-from peft_nlg.models import count_parameters
+from peft_nlg.models import compile_repeated_layers, count_parameters
 from peft_nlg.runtime import (
     compute_dtype,
     device,
@@ -166,6 +166,8 @@ def train(config: RunConfig) -> dict:
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     if config.gradient_checkpointing and loaded.method.supports_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        compile_repeated_layers(model)
     trainable, total = count_parameters(model)
     sizes = config.resolved_sizes(dev.type == "cuda")
 
@@ -305,7 +307,7 @@ def train(config: RunConfig) -> dict:
         "train_examples": len(train_features), "train_tokens": state["tokens"],
         "train_seconds": round(state["train_seconds"], 2),
         "train_tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
-        "steady_tokens_per_s": steady_rate(state["step_times"]),
+        "steady_tokens_per_s": steady_rate(state["step_times"]), "step_times": state["step_times"],
         "best_valid_loss": state["best_valid_loss"], "best_step": state.get("best_step"),
         "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
         **peak_memory_gb(dev),

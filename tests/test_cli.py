@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import ARCHITECTURES
 
 from peft_nlg import cli
+from peft_nlg.config import build_config
 from peft_nlg.evaluation import inference
 from peft_nlg.methods import METHODS
+from peft_nlg.models import compile_repeated_layers
+from peft_nlg.runtime import load_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FOR_ARCH = {"llama": "dialogue", "t5": "translation", "marian": "translation", "blenderbot_small": "dialogue"}
@@ -141,3 +145,24 @@ def test_tensorboard_logs_are_written(tiny_models, tiny_data, tmp_path):
     assert _run(*args) == 0
     events = list((out / "logs").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow  # compiling takes about a minute per architecture on two CPU cores
+@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("t5", "prefix_tuning")])
+def test_compiled_blocks_train_like_eager(tiny_models, tiny_data, tmp_path, arch, method):
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"run-{compiled}"
+        assert _run(*_train_args(tiny_models[arch], tiny_data, out, TASK_FOR_ARCH[arch], method,
+                                 "--compile" if compiled else "--no-compile", "--max-steps", 4)) == 0
+        runs[compiled] = json.loads((out / "train_record.json").read_text())
+    eager, compiled = runs[False]["history"], runs[True]["history"]
+    assert [h["step"] for h in eager] == [h["step"] for h in compiled]
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-3)
+
+    config = build_config({"task": TASK_FOR_ARCH[arch], "method": method, "model": str(tiny_models[arch])})
+    model = load_for_training(config, torch.device("cpu"), torch.float32).model
+    expected = {"llama": 2, "t5": 4}[arch]  # the tiny configs' blocks (T5: encoder + decoder)
+    assert compile_repeated_layers(model) == expected

@@ -223,3 +223,10 @@ def test_overwrite_protection(tmp_path):
     assert summary["written"] == list(SPLITS)
     assert read_pairs(data / "translation" / "test.jsonl")[0] == {"src": "bs0", "trg": "bt0"}
     assert [p.name for p in (data / "translation").iterdir() if p.name.startswith(".")] == []
+
+
+def test_jsonl_lines_survive_splitlines():
+    from peft_nlg.data.io import jsonl_text
+    rows = [{"prediction": "a\u2028b\x85c\u2029d\ne"}, {"prediction": "é"}]
+    text = jsonl_text(rows)
+    assert [json.loads(line) for line in text.splitlines()] == rows

@@ -128,8 +128,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+# characters that str.splitlines() and some editors take for line ends; JSON allows them raw, we escape them
+_LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def jsonl_text(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    """One JSON object per line, and nothing else that any reader could take for a line end."""
+    return "".join(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_IN_JSON) + "\n" for row in rows)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:

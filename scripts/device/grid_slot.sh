@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU slot of the study grid, run on the lent machine from the repository root (see docs/gpu.md).
+# Usage: scripts/device/grid_slot.sh SECONDS [peft-nlg grid options...]
+#   SECONDS: the grid starts no run that would end after this; keep it a minute or two under the call's limit.
+# Before it: the GGUF parts in /tmp/parts (earlier calls), .whl and .dev/gguf carried on this call.
+# Records go to $OUT/records.tgz, refreshed every 20 s, so a call cut off at its limit still returns
+# every finished run; unpack it over the checkout's results/ and commit.
+set -euo pipefail
+limit=${1:?usage: grid_slot.sh SECONDS [grid options...]}
+shift
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then  # the project's pins, where the machine has other versions
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PEFT_NLG_CACHE=${PEFT_NLG_CACHE:-/tmp/peft-nlg-cache}
+if [ ! -f "$PEFT_NLG_CACHE/models/SmolLM2-135M-Instruct/model.safetensors" ]; then
+  mkdir -p /tmp/parts && cp .dev/gguf/part-* /tmp/parts/ 2>/dev/null || true
+  scripts/device/assemble_model.sh /tmp/parts "$(cat .dev/gguf/SHA256)"
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -m peft_nlg.cli setup -task all
+started=$(date +%s)
+snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
+(while sleep 20; do snapshot; done) &
+saver=$!
+set +e
+python3 -m peft_nlg.cli grid --records results --work-dir /tmp/grid \
+  --time-limit $((limit - ($(date +%s) - started))) "$@" 2>&1 | tee "$out/grid.log"
+status=${PIPESTATUS[0]}
+kill $saver 2>/dev/null
+snapshot
+python3 -m peft_nlg.cli grid --records results --plan "$@" | tail -1 | tee -a "$out/grid.log"
+exit "$status"
