@@ -12,6 +12,7 @@ from peft_nlg.generation import DecodingSettings, generate
 from peft_nlg.models import count_parameters
 from peft_nlg.runtime import (
     Loaded,
+    command_line,
     compute_dtype,
     device,
     dir_size_bytes,
@@ -95,11 +96,12 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         "total_params": train_record.get("total_params", total),
         "train": {k: train_record.get(k) for k in (
             "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
-            "peak_memory_gb", "peak_memory_kind", "compute_dtype")} if train_record else None,
+            "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command")}
+        if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
         "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},
         "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
-        "config": config.to_dict(),
+        "config": config.to_dict(), "command": command_line(),
         "samples": [{"src": e["src"], "ref": e["trg"], "pred": p}
                     for e, p in zip(examples[:3], predictions[:3], strict=True)],
     }

@@ -24,7 +24,7 @@ from peft_nlg.training import train
 # fields that depend on the machine's speed or on where files are, not on the computation
 VOLATILE = {"finished_at", "train_seconds", "train_tokens_per_s", "steady_tokens_per_s", "generate_seconds",
             "new_tokens_per_s", "generation_peak_memory_gb", "peak_memory_gb", "step_times", "_path",
-            "test_file", "output_dir", "data_dir", "model", "hardware", "config"}
+            "test_file", "output_dir", "data_dir", "model", "hardware", "config", "command"}
 
 
 @dataclass

@@ -7,6 +7,8 @@ import os
 import platform
 import random
 import resource
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -172,6 +174,11 @@ def package_versions() -> dict:
 
 def dir_size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def command_line() -> str:
+    """How this process was started, as a shell line (records carry it so a run can be repeated)."""
+    return shlex.join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])
 
 
 def now_iso() -> str:

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from peft_nlg.batching import token_budget_batches, training_batch
 from peft_nlg.config import RunConfig, save_config
 from peft_nlg.data.io import read_pairs, write_json
+from peft_nlg.data.splits import fingerprint
 from peft_nlg.loss import summed_loss
 from peft_nlg.models import compile_repeated_layers, count_parameters
 from peft_nlg.runtime import (
+    command_line,
     compute_dtype,
     device,
     dir_size_bytes,
@@ -174,6 +176,9 @@ def train(config: RunConfig) -> dict:
     # data: encode once, then cut length-grouped batches under the token budget
     train_features = subset(encoded_split(config, loaded.prompter, "train"), config.train_examples, config.seed)
     valid_features = encoded_split(config, loaded.prompter, "valid")[: config.max_valid_examples]
+    data_fingerprints = {  # of the exact examples used, so a record says which data it came from
+        "train": fingerprint(subset(read_pairs(split_path(config, "train")), config.train_examples, config.seed)),
+        "valid": fingerprint(read_pairs(split_path(config, "valid"))[: config.max_valid_examples])}
 
     def lengths(features):
         return [len(f["input_ids"]) + (len(f["labels"]) if family.is_encoder_decoder else 0) for f in features]
@@ -312,7 +317,8 @@ def train(config: RunConfig) -> dict:
         "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
         **peak_memory_gb(dev),
         "model_size_bytes": dir_size_bytes(out / "model"),
-        "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
+        "data_fingerprints": data_fingerprints,
+        "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed, "command": command_line(),
     }
     if accelerator.is_main_process:
         write_json(out / "train_record.json", record)

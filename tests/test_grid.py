@@ -25,6 +25,12 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     for record in first[1:]:
         assert record["train"]["train_tokens"] >= 400  # every method got the same budget
         assert record["train"]["train_tokens"] < 400 + 2 * 600
+        assert record["command"] and record["train"]["command"]  # what it takes to run it again
+    # every method saw the same data; a ladder rung saw a subset
+    fingerprints = {(r["method"], r["grid"]["train_examples"]): r["train"]["data_fingerprints"]["train"]
+                    for r in first[1:]}
+    assert fingerprints[("lora", None)] == fingerprints[("ia3", None)] != fingerprints[("lora", 2)]
+    assert fingerprints[("lora", 2)] == fingerprints[("ia3", 2)]
 
     # same configuration and seed on the same machine: the same records, times aside
     second = run_grid(spec, tmp_path / "rec2", tmp_path / "work2", log=lambda *_: None)
