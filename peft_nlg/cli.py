@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     grid = sub.add_parser("grid", help="the study: methods x tasks, learning-rate search, data-size ladder")
     grid.add_argument("--tasks", default="all", help="comma-separated, or all")
     grid.add_argument("--methods", default="all", help="comma-separated, or all")
-    grid.add_argument("--lr-factors", default="0.5,1,2", help="learning rates tried: the method's default times these")
-    grid.add_argument("--ladder", default="100,500,2000", help="training-set sizes besides the full split ('': none)")
-    grid.add_argument("--token-budget", type=_token_budget, default=0, metavar="N|TASK=N,...",
+    grid.add_argument("--lr-factors", help="learning rates tried: the method's default times these "
+                      "(default: defaults/study.yaml, as for the next two)")
+    grid.add_argument("--ladder", help="training-set sizes besides the full split ('': none)")
+    grid.add_argument("--token-budget", type=_token_budget, metavar="N|TASK=N,...",
                       help="real training tokens per run, one number or per task (0: epochs decide)")
     grid.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
                       help="start no run that would end after this (a GPU slot); rerun to go on")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--records", default="results", help="where records go (commit these)")
     grid.add_argument("--work-dir", default="runs/grid", help="where models and checkpoints go")
     grid.add_argument("--set", action="append", default=[], type=_parse_options, metavar="KEY=VALUE,...",
-                      help="any run setting for every run, e.g. --set max_test_examples=200,data_dir=data")
+                      help="any run setting for every run, on top of the study's, e.g. --set max_test_examples=200")
     report = sub.add_parser("report", help="tables and plots from run records")
     report.add_argument("--records", default="results", help="folder of committed run records")
     report.add_argument("--readme", default="README.md")
@@ -177,19 +178,22 @@ def _token_budget(text: str) -> int | dict[str, int]:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from peft_nlg.grid import GridSpec, plan, run_grid
+    from peft_nlg.grid import GridSpec, plan, run_grid, study_defaults
     from peft_nlg.methods import METHODS, get_method
 
     def names(text, every):
         return list(every) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
 
-    overrides = {}
+    study = study_defaults()
+    overrides = dict(study.get("set", {}))
     for item in args.set:
         overrides.update(item)
+    lr_factors = [float(x) for x in args.lr_factors.split(",")] if args.lr_factors else study["lr_factors"]
+    ladder = [int(x) for x in args.ladder.split(",") if x.strip()] if args.ladder is not None else study["ladder"]
+    budget = args.token_budget if args.token_budget is not None else study.get("token_budget", 0)
     spec = GridSpec(tasks=names(args.tasks, TASKS), methods=[get_method(m).name for m in names(args.methods, METHODS)],
-                    lr_factors=[float(x) for x in args.lr_factors.split(",")],
-                    ladder=[int(x) for x in args.ladder.split(",") if x.strip()], token_budget=args.token_budget,
-                    overrides=overrides, zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit)
+                    lr_factors=lr_factors, ladder=ladder, token_budget=budget, overrides=overrides,
+                    zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit)
     if args.plan:
         rows = plan(spec, Path(args.records))
         for name, finished in rows:

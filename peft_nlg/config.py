@@ -89,7 +89,7 @@ PRESETS = {
 }
 
 
-def _yaml_defaults(name: str) -> dict:
+def yaml_defaults(name: str) -> dict:
     text = resources.files("peft_nlg").joinpath("defaults", name).read_text(encoding="utf-8")
     return yaml.safe_load(text) or {}
 
@@ -98,7 +98,7 @@ def field_names() -> set[str]:
     return {f.name for f in fields(RunConfig)}
 
 
-def _check_keys(values: dict, where: str) -> None:
+def check_keys(values: dict, where: str) -> None:
     unknown = set(values) - field_names()
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -110,16 +110,16 @@ def build_config(overrides: dict[str, Any], preset: str | None = None) -> RunCon
     method = get_method(overrides.get("method", RunConfig.method)).name
     get_task(task)  # fail early on an unknown task
     merged: dict[str, Any] = {}
-    for where, layer in ((f"defaults/tasks.yaml:{task}", _yaml_defaults("tasks.yaml").get(task, {})),
-                         (f"defaults/methods.yaml:{method}", _yaml_defaults("methods.yaml").get(method, {}))):
-        _check_keys(layer, where)
+    for where, layer in ((f"defaults/tasks.yaml:{task}", yaml_defaults("tasks.yaml").get(task, {})),
+                         (f"defaults/methods.yaml:{method}", yaml_defaults("methods.yaml").get(method, {}))):
+        check_keys(layer, where)
         for key, value in layer.items():
             merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset '{preset}'; choose from {', '.join(PRESETS)}")
         merged.update(PRESETS[preset](task))
-    _check_keys(overrides, "command line")
+    check_keys(overrides, "command line")
     for key, value in overrides.items():
         merged[key] = {**merged.get(key, {}), **value} if key == "method_options" else value
     merged.update(task=task, method=method)
@@ -133,5 +133,5 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 def load_config_file(path: Path) -> RunConfig:
     values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    _check_keys(values, str(path))
+    check_keys(values, str(path))
     return RunConfig(**values)

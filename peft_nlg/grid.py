@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft_nlg.config import build_config
+from peft_nlg.config import build_config, check_keys, yaml_defaults
 from peft_nlg.data.io import write_json
 from peft_nlg.evaluation import test
 from peft_nlg.training import train
@@ -69,6 +69,16 @@ class _Clock:
         result = work(*args, **kwargs)
         self.longest[task] = max(self.longest.get(task, 0.0), time.monotonic() - begun)
         return result
+
+
+def study_defaults() -> dict:
+    """defaults/study.yaml: the committed grid settings, checked like every other layer of defaults."""
+    study = yaml_defaults("study.yaml")
+    unknown = set(study) - {"token_budget", "lr_factors", "ladder", "set"}
+    if unknown:
+        raise ValueError(f"defaults/study.yaml: unknown key(s) {', '.join(sorted(unknown))}")
+    check_keys(study.get("set", {}), "defaults/study.yaml:set")
+    return study
 
 
 def _run_name(lr: float, examples: int) -> str:

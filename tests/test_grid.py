@@ -89,3 +89,14 @@ def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tm
     trained = [p.relative_to(tmp_path / "work-c") for p in (tmp_path / "work-c").glob("*/*/*")]
     assert [str(p) for p in trained] == [f"translation/lora/{selected.parent.name}"]  # nothing else ran
     assert len(again) == len(finished)
+
+
+def test_study_defaults_cover_every_task_and_are_valid_settings():
+    from peft_nlg.config import build_config
+    from peft_nlg.grid import study_defaults
+    from peft_nlg.tasks import TASKS
+    study = study_defaults()
+    assert set(study["token_budget"]) == set(TASKS) and all(v > 0 for v in study["token_budget"].values())
+    assert 1.0 in study["lr_factors"] and len(study["lr_factors"]) >= 2  # the method's own default is tried
+    for task in TASKS:
+        build_config({**study["set"], "task": task})  # raises on an unknown setting
