@@ -19,7 +19,8 @@ if [ ! -f "$PEFT_NLG_CACHE/models/SmolLM2-135M-Instruct/model.safetensors" ]; th
   mkdir -p /tmp/parts && cp .dev/gguf/part-* /tmp/parts/ 2>/dev/null || true
   scripts/device/assemble_model.sh /tmp/parts "$(cat .dev/gguf/SHA256)"
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' \
+  | tee "$out/gpu.txt"
 python3 -m peft_nlg.cli setup -task all
 started=$(date +%s)
 snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
