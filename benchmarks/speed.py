@@ -260,7 +260,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
 def _baseline_like_options(name: str) -> dict:
     """The reference recipe's method settings, so both train the same adapter."""
     return {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-            "prefix_tuning": {"num_virtual_tokens": 20},
+            "prefix_tuning": {"num_virtual_tokens": 20, "init": "random"},
             "p_tuning": {"num_virtual_tokens": 20, "encoder_hidden_size": 256},
             "prompt_tuning": {"num_virtual_tokens": 20, "init": "random"},
             "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},

@@ -99,10 +99,12 @@ def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) 
     loaded = _load_pieces(config, method, model_path, model_path, base_weight_dtype(method, dtype))
     model = loaded.model
     freeze_fixed_tables(model)
-    peft_config = method.peft_config(MethodContext(loaded.family, model, model_path, loaded.task.instruction),
-                                     config.method_options)
+    context = MethodContext(loaded.family, model, model_path, loaded.task.instruction)
+    peft_config = method.peft_config(context, config.method_options)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
+        if method.initialize is not None:
+            method.initialize(model, context, config.method_options)
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable weights stay fp32 for the optimizer

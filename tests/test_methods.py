@@ -222,3 +222,30 @@ def test_greedy_outputs_never_repeat_a_blocked_ngram(tiny_models, arch, monkeypa
 
     assert repeated_trigrams(0) > 0  # a tiny random model loops: the check below means something
     assert repeated_trigrams(3) == 0
+
+
+def test_prefix_text_initialisation_starts_near_the_base_model(tiny_models):
+    """peft's random prefixes start far from real keys/values; ours start from the instruction's own."""
+    def first_loss(method, options=None):
+        torch.manual_seed(0)
+        config = build_config({"task": "translation", "method": method, "model": str(tiny_models["llama"]),
+                               "method_options": options or {}})
+        loaded = load_for_training(config, CPU, torch.float32)
+        batch, _, _ = training_batch([loaded.prompter.encode(p) for p in PAIRS], loaded.tokenizer.pad_token_id,
+                                     False)
+        with torch.no_grad():
+            loss, n = summed_loss(loaded.model, batch, False)
+        return float(loss) / n, loaded
+
+    base, _ = first_loss("none")
+    text, loaded = first_loss("prefix_tuning", {"init": "text"})
+    random, _ = first_loss("prefix_tuning", {"init": "random"})
+    assert abs(text - base) < abs(random - base) / 2
+    # the prefix is the base model's cache for the instruction, token for token
+    tokens = loaded.tokenizer(loaded.task.instruction, add_special_tokens=False)["input_ids"]
+    n = loaded.model.peft_config["default"].num_virtual_tokens
+    ids = torch.tensor([(tokens * n)[:n]])
+    with torch.no_grad():
+        reference = loaded.model.get_base_model()(input_ids=ids, use_cache=True).past_key_values
+    prompt = loaded.model.get_prompt(batch_size=1)
+    assert torch.allclose(prompt.layers[1].values, reference.layers[1].values, atol=1e-5)
