@@ -22,6 +22,7 @@ fi
 python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' \
   | tee "$out/gpu.txt"
 python3 -m peft_nlg.cli setup -task all
+mkdir -p results
 started=$(date +%s)
 snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
 (while sleep 20; do snapshot; done) &
