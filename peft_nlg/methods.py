@@ -86,8 +86,9 @@ def _init_prefix_from_text(model: torch.nn.Module, ctx: MethodContext, opts: dic
 
     peft starts prefixes from N(0, 1) vectors, far from the scale of real keys and values: on SmolLM2-135M
     the first training loss is about 14 instead of about 3, and a short budget never recovers. The
-    instruction's tokens are repeated to fill the virtual tokens. Decoder-only models only: an
-    encoder-decoder's prefix also feeds cross-attention, whose values have no such text to come from.
+    instruction's tokens are repeated to fill the virtual tokens. Decoder-only models only: for an
+    encoder-decoder peft feeds one prefix to both decoder self-attention and cross-attention, whose keys and
+    values live in different spaces, so no single text activation fits both.
     """
     if opts.get("init", "text") != "text" or ctx.family.is_encoder_decoder:
         return
