@@ -65,6 +65,8 @@ class RunConfig:
     # housekeeping
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})
+    save_checkpoints: bool = field(default=True, metadata={
+        "help": "keep checkpoint/ (weights + optimizer) at each validation, for --resume"})
     trust_remote_code: bool = False
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})

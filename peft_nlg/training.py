@@ -293,7 +293,7 @@ def train(config: RunConfig) -> dict:
                     stop = stop or state["bad_validations"] >= config.patience
                 tqdm.write(f"step {state['step']}: train loss {train_loss:.4f}, valid loss {vloss:.4f}"
                            + ("" if improved else f" (no improvement {state['bad_validations']}/{config.patience})"))
-                if accelerator.is_main_process:
+                if accelerator.is_main_process and config.save_checkpoints:
                     _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
             if stop:
                 break

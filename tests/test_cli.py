@@ -73,6 +73,9 @@ def test_resume_continues_and_overwrite_is_explicit(tiny_models, tiny_data, tmp_
     assert record["steps"] == 5 and [h["step"] for h in record["history"]] == [2, 3, 4, 5]
     assert _run(*args, "--overwrite") == 0
     assert json.loads((out / "train_record.json").read_text())["steps"] == 3
+    # without checkpoints (GPU slots, whose disks do not survive) the model is still kept; resume has nothing
+    assert _run(*args, "--overwrite", "--no-save-checkpoints") == 0
+    assert (out / "model").is_dir() and not (out / "checkpoint").exists()
 
 
 def test_zero_shot_scores_the_base_model(tiny_models, tiny_data, tmp_path):
