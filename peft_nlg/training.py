@@ -61,11 +61,12 @@ def subset(examples: list[dict], n: int, seed: int) -> list[dict]:
     return [examples[i] for i in keep]
 
 
-_ENCODED: dict[tuple, list[dict]] = {}
+_ENCODED: dict[tuple, tuple[list[dict], list[dict]]] = {}
 
 
-def encoded_split(config: RunConfig, prompter, split: str) -> list[dict]:
-    """Token ids of a split; kept for the process, so a grid encodes each split once, not once per run."""
+def encoded_split(config: RunConfig, prompter, split: str) -> tuple[list[dict], list[dict]]:
+    """A split's examples and their token ids; kept for the process, so a grid reads and encodes each split
+    once, not once per run."""
     path = split_path(config, split)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, prompter.tokenizer.name_or_path,
@@ -73,7 +74,8 @@ def encoded_split(config: RunConfig, prompter, split: str) -> list[dict]:
     if key not in _ENCODED:
         if len(_ENCODED) >= 6:
             _ENCODED.pop(next(iter(_ENCODED)))
-        _ENCODED[key] = prompter.encode_many(read_pairs(path))
+        examples = read_pairs(path)
+        _ENCODED[key] = examples, prompter.encode_many(examples)
     return _ENCODED[key]
 
 
@@ -174,11 +176,12 @@ def train(config: RunConfig) -> dict:
     sizes = config.resolved_sizes(dev.type == "cuda")
 
     # data: encode once, then cut length-grouped batches under the token budget
-    train_features = subset(encoded_split(config, loaded.prompter, "train"), config.train_examples, config.seed)
-    valid_features = encoded_split(config, loaded.prompter, "valid")[: config.max_valid_examples]
-    data_fingerprints = {  # of the exact examples used, so a record says which data it came from
-        "train": fingerprint(subset(read_pairs(split_path(config, "train")), config.train_examples, config.seed)),
-        "valid": fingerprint(read_pairs(split_path(config, "valid"))[: config.max_valid_examples])}
+    train_examples, train_features = (subset(part, config.train_examples, config.seed)
+                                      for part in encoded_split(config, loaded.prompter, "train"))
+    valid_examples, valid_features = (part[: config.max_valid_examples]
+                                      for part in encoded_split(config, loaded.prompter, "valid"))
+    # of the exact examples used, so a record says which data it came from
+    data_fingerprints = {"train": fingerprint(train_examples), "valid": fingerprint(valid_examples)}
 
     def lengths(features):
         return [len(f["input_ids"]) + (len(f["labels"]) if family.is_encoder_decoder else 0) for f in features]
