@@ -74,12 +74,12 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):
         batch = collate([prompts[i] for i in indices], pad, prompter.family.padding_side)
         batch = {k: v.to(dev) for k, v in batch.items()}
+        processors = LogitsProcessorList()
+        if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
+            prompt_width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
+            processors.append(NoRepeatInOutput(settings.no_repeat_ngram, prompt_width))
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             # padding is never a word: suppressing it keeps an undertrained model from "writing" blanks
-            processors = LogitsProcessorList()
-            if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
-                width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
-                processors.append(NoRepeatInOutput(settings.no_repeat_ngram, width))
             generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, suppress_tokens=[pad],
                                        logits_processor=processors, **settings.generate_kwargs())
         if not prompter.family.is_encoder_decoder:
