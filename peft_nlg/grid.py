@@ -85,6 +85,19 @@ def _run_name(lr: float, examples: int) -> str:
     return f"lr{lr:g}-n{examples or 'all'}"
 
 
+# where the grid keeps what it has done; run_grid writes these and plan reads them
+def _test_record(records: Path, task: str, method: str, run: str = "") -> Path:
+    return records / task / method / run / "record-test-greedy.json"
+
+
+def _train_record(records: Path, task: str, method: str, run: str) -> Path:
+    return records / task / method / run / "record-train.json"
+
+
+def _search_record(records: Path, task: str, method: str) -> Path:
+    return records / task / method / "lr_search.json"
+
+
 def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool) -> dict:
     """Train unless done; the record is kept under the records (so a learning-rate search survives a lost
     work dir), the model only in the work dir: a run whose model is needed but gone is trained again."""
@@ -132,22 +145,22 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
         for task in spec.tasks:
             base = spec.base_overrides(task)
             if spec.zero_shot:
-                dst = records / task / "zero_shot" / "record-test-greedy.json"
+                dst = _test_record(records, task, "zero_shot")
                 tested(task, dst, _test_once, {**base, "method": "none"}, work_dir / task / "zero_shot", dst,
                        {"grid": {"selected": True}}, zero_shot=True)
             for method in spec.methods:
                 best_lr = _search(spec, task, method, records, work_dir, clock, log)
                 run = _run_name(best_lr, 0)
-                dst = records / task / method / run / "record-test-greedy.json"
+                dst = _test_record(records, task, method, run)
                 tested(task, dst, _train_and_test, {**base, "method": method, "learning_rate": best_lr},
                        work_dir / task / method / run, dst,
                        {"selected": True, "learning_rate": best_lr, "train_examples": None})
         for task in spec.tasks:
             for method in spec.methods if spec.ladder else []:
-                best_lr = json.loads((records / task / method / "lr_search.json").read_text())["selected_lr"]
+                best_lr = json.loads(_search_record(records, task, method).read_text())["selected_lr"]
                 for examples in spec.ladder:
                     run = _run_name(best_lr, examples)
-                    dst = records / task / method / run / "record-test-greedy.json"
+                    dst = _test_record(records, task, method, run)
                     overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
                                  "train_examples": examples}
                     tested(task, dst, _train_and_test, overrides, work_dir / task / method / run, dst,
@@ -163,7 +176,7 @@ def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Pat
     for lr in spec.learning_rates(task, method):
         run = _run_name(lr, 0)
         overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
-        dst = records / task / method / run / "record-train.json"
+        dst = _train_record(records, task, method, run)
         record = _read(dst) or clock.run(task, _train_once, overrides, work_dir / task / method / run, dst,
                                          need_model=False)
         search[lr] = record["best_valid_loss"]
@@ -171,7 +184,7 @@ def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Pat
     best_lr = min(search, key=search.get)
     summary = {"task": task, "method": method, "valid_loss_by_lr": {f"{k:g}": v for k, v in search.items()},
                "selected_lr": best_lr}
-    path = records / task / method / "lr_search.json"
+    path = _search_record(records, task, method)
     if _read(path) != summary:
         write_json(path, summary)
     return best_lr
@@ -182,23 +195,23 @@ def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
     rows = []
     for task in spec.tasks:
         if spec.zero_shot:
-            dst = records / task / "zero_shot" / "record-test-greedy.json"
+            dst = _test_record(records, task, "zero_shot")
             rows.append((f"{task}/zero_shot test", dst.is_file()))
         for method in spec.methods:
             lrs = spec.learning_rates(task, method)
             rows += [(f"{task}/{method} {_run_name(lr, 0)} train",
-                      (records / task / method / _run_name(lr, 0) / "record-train.json").is_file()) for lr in lrs]
-            search = _read(records / task / method / "lr_search.json")
+                      _train_record(records, task, method, _run_name(lr, 0)).is_file()) for lr in lrs]
+            search = _read(_search_record(records, task, method))
             selected = _run_name(search["selected_lr"], 0) if search else "selected lr"
-            rows.append((f"{task}/{method} {selected} test", bool(search) and (
-                records / task / method / selected / "record-test-greedy.json").is_file()))
+            rows.append((f"{task}/{method} {selected} test", bool(search) and _test_record(
+                records, task, method, selected).is_file()))
     for task in spec.tasks:
         for method in spec.methods:
-            search = _read(records / task / method / "lr_search.json")
+            search = _read(_search_record(records, task, method))
             for examples in spec.ladder:
                 name = _run_name(search["selected_lr"], examples) if search else f"n{examples}"
-                rows.append((f"{task}/{method} {name} train+test", bool(search) and (
-                    records / task / method / name / "record-test-greedy.json").is_file()))
+                rows.append((f"{task}/{method} {name} train+test", bool(search) and _test_record(
+                    records, task, method, name).is_file()))
     return rows
 
 
