@@ -49,7 +49,13 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     assert report(tmp_path / "rec1", check=True, readme=readme) == 0
     table = main_table(load_records(tmp_path / "rec1"))
     assert "| LoRA |" in table and "| Zero-shot (no training) |" in table and "| IA3 |" in table
-    assert (tmp_path / "rec1" / "RESULTS.md").is_file()
+    assert "Quality targets (" in table and "without a record yet" in table
+    results_md = (tmp_path / "rec1" / "RESULTS.md").read_text()
+    # the search is published, the selected rate in bold, and the targets are checked run by run
+    assert f"**{search['selected_lr']:g}: " in results_md and "## Learning-rate search" in results_md
+    assert "| translation | prefix_tuning | – | no record |" in results_md
+    for plot in ("quality_vs_cost.png", "peak_memory.png", "learning_curves.png"):
+        assert (tmp_path / "rec1" / plot).stat().st_size > 10_000
     readme.write_text(readme.read_text().replace("| LoRA |", "| LoRA (edited) |"))
     assert report(tmp_path / "rec1", check=True, readme=readme) == 1
 
