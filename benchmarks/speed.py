@@ -11,6 +11,9 @@ reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and call
               budget (the quality check)
   ours        our loop at its default batch for the device: the speed a user gets
   generation  our test-mode generation, greedy and beam, on the same prompts
+  quality     after the equal-budget training, both recipes' greedy replies to the same test prompts, scored
+              with the dialogue metrics (with --init-dir holding real weights, e.g. the embedded model,
+              this is the "same quality" check on text; from a random initialisation both score near zero)
 
 Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
 something with the device named in the JSON.
@@ -41,6 +44,7 @@ from peft_nlg.evaluation import decoding
 from peft_nlg.formatting import IGNORE_INDEX
 from peft_nlg.generation import generate
 from peft_nlg.runtime import device, hardware, load_for_training, load_trained, package_versions, reset_peak_memory
+from peft_nlg.tasks import TASKS
 from peft_nlg.training import train
 
 METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
@@ -83,7 +87,8 @@ def answer_loss(model, tokenizer, features, dev) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--render", help="print the markdown table of an existing results JSON and exit")
-    ap.add_argument("--arch-dir", help="config.json + tokenizer of the architecture")
+    ap.add_argument("--arch-dir", help="config.json + tokenizer of the architecture (random initialisation)")
+    ap.add_argument("--init-dir", help="start both recipes from these weights instead (a model dir)")
     ap.add_argument("--baseline", default="../shared/bench/hf_trainer_baseline.py")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -95,13 +100,17 @@ def main() -> int:
     ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 1000 GPU, 64 CPU)")
     ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 64 on CPU")
     ap.add_argument("--valid-examples", type=int, default=64)
+    ap.add_argument("--quality-prompts", type=int, default=0,
+                    help="test prompts both trained recipes answer for the quality check (0: 200 GPU, 32 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
     args = ap.parse_args()
     if args.render:
         print(markdown_table(json.loads(Path(args.render).read_text())))
         return 0
-    if not args.arch_dir or not args.out:
-        ap.error("--arch-dir and --out are required")
+    if not (args.arch_dir or args.init_dir) or not args.out:
+        ap.error("--arch-dir (or --init-dir) and --out are required")
+    if args.init_dir and args.layers:
+        ap.error("--layers changes the architecture: it needs a random initialisation (--arch-dir)")
 
     dev = device()
     on_gpu = dev.type == "cuda"
@@ -110,23 +119,27 @@ def main() -> int:
     our_steps = args.our_steps or (40 if on_gpu else 8)
     n_gen = args.gen_prompts or (1000 if on_gpu else 64)
     n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 64)
+    args.quality_prompts = args.quality_prompts or (200 if on_gpu else 32)
     work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
     B = load_baseline(Path(args.baseline), work / "baseline")
 
-    # one random initialisation of the architecture, saved, so both recipes start from the same weights
-    config = AutoConfig.from_pretrained(args.arch_dir)
-    if args.layers:
-        config.num_hidden_layers = args.layers
-    tokenizer = AutoTokenizer.from_pretrained(args.arch_dir)
-    torch.manual_seed(0)
-    init_dir = work / "init"
-    AutoModelForCausalLM.from_config(config).save_pretrained(init_dir)
-    tokenizer.save_pretrained(init_dir)
+    if args.init_dir:  # given weights (e.g. the embedded model): the quality check then means something
+        init_dir = Path(args.init_dir)
+        config = AutoConfig.from_pretrained(init_dir)
+    else:  # one random initialisation of the architecture, saved, so both recipes start from the same weights
+        config = AutoConfig.from_pretrained(args.arch_dir)
+        if args.layers:
+            config.num_hidden_layers = args.layers
+        tokenizer = AutoTokenizer.from_pretrained(args.arch_dir)
+        torch.manual_seed(0)
+        init_dir = work / "init"
+        AutoModelForCausalLM.from_config(config).save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
 
     data_dir = Path(args.data_dir)
     train_rows = read_pairs(data_dir / "dialogue" / "train.jsonl")[: bs * base_steps]
     valid_rows = read_pairs(data_dir / "dialogue" / "valid.jsonl")[: args.valid_examples]
-    test_rows = read_pairs(data_dir / "dialogue" / "test.jsonl")[: max(n_gen, n_base_gen)]
+    test_rows = read_pairs(data_dir / "dialogue" / "test.jsonl")[: max(n_gen, n_base_gen, args.quality_prompts)]
     bench_data = work / "data"
     (bench_data / "dialogue").mkdir(parents=True)
     for split, rows in (("train", read_pairs(data_dir / "dialogue" / "train.jsonl")), ("valid", valid_rows),
@@ -143,6 +156,7 @@ def main() -> int:
     equal_tokens_per_step = int(bs * real_per_example)
 
     results = {"device": hardware(dev), "versions": package_versions(), "date": time.strftime("%Y-%m-%d"),
+               "weights": str(init_dir) if args.init_dir else "random initialisation (seed 0)",
                "arch": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
                "baseline_batch": bs, "baseline_steps": base_steps,
                "real_tokens_per_example": round(real_per_example, 1),
@@ -179,6 +193,12 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
                        "peak_memory_gb": B.peak() if on_gpu else None,
                        "valid_loss": round(answer_loss(model, base_tok, base_valid, dev), 4)}
+    quality_rows = test_rows[: args.quality_prompts]
+    try:  # the recipe's own generate crashes with some methods (prefix tuning, per its docstring)
+        replies, _ = B.generate(model, base_tok, "dialogue", quality_rows)
+        row["baseline"]["test_scores"] = _scores(replies, quality_rows)
+    except Exception as err:
+        row["baseline"]["test_scores"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     del model
     torch.cuda.empty_cache() if on_gpu else None
 
@@ -197,6 +217,12 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
                          "steps": record["steps"], "train_tokens": record["train_tokens"],
                          "valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, ours_valid, dev), 4)}
+    # the recipe's decoding (greedy, 64 new tokens, no n-gram block), so only the training differs
+    same_decoding = dataclasses.replace(decoding(equal, on_gpu), search="greedy", max_new_tokens=64,
+                                        no_repeat_ngram=0)
+    replies, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in quality_rows],
+                          same_decoding, dev, torch.bfloat16 if on_gpu else torch.float32, show_progress=False)
+    row["ours_equal"]["test_scores"] = _scores(replies, quality_rows)
 
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
     # since a random model almost never emits EOS and every prompt runs to the new-token limit
@@ -257,6 +283,15 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     return row
 
 
+def _scores(replies: list[str], rows: list[dict]) -> dict:
+    scores = TASKS["dialogue"].metrics(replies, [r["trg"] for r in rows])
+    return {k: scores[k] for k in ("rougeL", "bleu", "distinct2", "mean_len")}
+
+
+def _quality(scores: dict) -> str:
+    return "error" if "error" in scores else f"{scores['rougeL']:.2f}"
+
+
 def _baseline_like_options(name: str) -> dict:
     """The reference recipe's method settings, so both train the same adapter."""
     return {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
@@ -271,8 +306,9 @@ def markdown_table(results: dict) -> str:
     """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
     compiled = any("compile_speedup" in r for r in results["methods"].values())
     lines = ["| method | base tok/s | ours tok/s | × | mem base GB | mem ours@equal GB | valid loss base / ours@equal "
-             "| gen base | gen ours greedy | × | beam ours |" + (" compiled tok/s (× eager) |" if compiled else ""),
-             "|" + "---|" * (12 if compiled else 11)]
+             "| test ROUGE-L base / ours@equal | gen base | gen ours greedy | × | beam ours |"
+             + (" compiled tok/s (× eager) |" if compiled else ""),
+             "|" + "---|" * (13 if compiled else 12)]
     for name, r in results["methods"].items():
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} |" + " |" * 9)
@@ -282,10 +318,18 @@ def markdown_table(results: dict) -> str:
         lines.append(" | ".join([
             f"| {name}", f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f}", f"**{r['train_speedup']}**",
             str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]), f"{b['valid_loss']:.3f} / {e['valid_loss']:.3f}",
-            gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}", f"**{r.get('gen_speedup_greedy', '–')}**",
+            _test_cell(b, e), gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}",
+            f"**{r.get('gen_speedup_greedy', '–')}**",
             f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
             f" {r['ours_compiled']['tokens_per_s']:,.0f} ({r['compile_speedup']}) |" if compiled else ""))
     return "\n".join(lines)
+
+
+def _test_cell(base: dict, ours: dict) -> str:
+    """Older result files have no quality check."""
+    if "test_scores" not in ours:
+        return "–"
+    return f"{_quality(base['test_scores'])} / {_quality(ours['test_scores'])}"
 
 
 def print_table(results: dict) -> None:
@@ -293,7 +337,7 @@ def print_table(results: dict) -> None:
     print(f"\n{dev}, {results['date']}; baseline batch {results['baseline_batch']} "
           f"(~{results['equal_tokens_per_step']} real tokens/step)")
     head = ("method", "base tok/s", "ours tok/s", "x", "ours@equal", "x", "mem base", "mem ours@eq",
-            "vloss base", "vloss ours", "gen base", "gen ours", "x", "beam ours")
+            "vloss base", "vloss ours", "test rougeL base/ours", "gen base", "gen ours", "x", "beam ours")
     print(" | ".join(head))
     for name, r in results["methods"].items():
         if "error" in r:
@@ -303,7 +347,7 @@ def print_table(results: dict) -> None:
         print(" | ".join(str(x) for x in (
             name, b["tokens_per_s"], o["tokens_per_s"], r["train_speedup"], e["tokens_per_s"],
             r["train_speedup_equal_tokens_per_step"], b["peak_memory_gb"], e["peak_memory_gb"], b["valid_loss"],
-            e["valid_loss"], b.get("gen_tokens_per_s", "–"), r["ours_gen_greedy"]["new_tokens_per_s"],
+            e["valid_loss"], _test_cell(b, e), b.get("gen_tokens_per_s", "–"), r["ours_gen_greedy"]["new_tokens_per_s"],
             r.get("gen_speedup_greedy", "–"), r["ours_gen_beam"]["new_tokens_per_s"])))
 
 
