@@ -38,6 +38,13 @@ def _outcome(target: str, task: str, method: str, value: float | None, goal_met:
     return Outcome(target, task, method, shown or f"{value:g}", "met" if goal_met(value) else "missed")
 
 
+def _versus(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None:
+        return ""
+    relative = f" ({value / reference - 1:+.1%})" if reference else ""
+    return f"{value:g} vs {reference:g}{relative}"
+
+
 def _beats_zero_shot(spec: dict, table: Table) -> Iterator[Outcome]:
     for task in TASKS:
         floor = _score(table, ZERO_SHOT, task)
@@ -52,7 +59,7 @@ def _close_to(spec: dict, table: Table) -> Iterator[Outcome]:
     gap = float(spec["max_gap"])
     for task in TASKS:
         reference, value = _score(table, spec["of"], task), _score(table, spec["method"], task)
-        shown = "" if None in (reference, value) else f"{value:g} vs {reference:g} ({value / reference - 1:+.1%})"
+        shown = _versus(value, reference)
         yield _outcome(f"{TASKS[task].main_metric} within {gap:.0%} of {spec['of']}", task, spec["method"],
                        None if reference is None else value,
                        lambda v, reference=reference: v >= (1 - gap) * reference, shown)
@@ -70,9 +77,9 @@ def _near_reference(spec: dict, table: Table) -> Iterator[Outcome]:
         record = table.get((method, task))
         value = _score(table, method, task, spec["metric"])
         reference = record["scores"].get(spec["reference"]) if record else None
-        shown = "" if None in (value, reference) else f"{value:g} vs {reference:g} ({value / reference - 1:+.1%})"
         yield _outcome(f"{spec['metric']} within {gap:.0%} of the references'", task, method, value,
-                       lambda v, reference=reference: abs(v / reference - 1) <= gap, shown)
+                       lambda v, reference=reference: abs(v - reference) <= gap * reference,
+                       _versus(value, reference))
 
 
 CHECKS: dict[str, Callable[[dict, Table], Iterator[Outcome]]] = {

@@ -53,3 +53,9 @@ def test_committed_targets_are_valid_and_typos_are_refused():
     with pytest.raises(ValueError, match="unknown task 'translate'"):
         validate_targets([{"check": "at_least", "task": "translate", "metric": "chrf", "value": 1,
                            "methods": ["none"]}], "t.yaml")
+
+
+def test_a_zero_reference_is_a_verdict_not_a_crash():
+    table = {("none", "translation"): _record(bleu=0.0), ("lora", "translation"): _record(bleu=0.0)}
+    outcome = next(o for o in check_targets(table, TARGETS[1:2]) if o.task == "translation")
+    assert outcome.verdict == "met" and outcome.value == "0 vs 0"
