@@ -7,14 +7,7 @@
 set -euo pipefail
 methods=${1:?usage: bench_slot.sh METHODS [speed.py options...]}
 shift
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then  # the project's pins, where the machine has other versions
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' \
-  | tee "$out/gpu.txt"
+source scripts/device/prepare.sh
 python3 -m peft_nlg.cli setup -task dialogue
 python3 benchmarks/speed.py --arch-dir .dev/arch --baseline .dev/bench/hf_trainer_baseline.py \
   --methods "$methods" --out "$out/bench-${methods%%,*}.json" "$@" 2>&1 | tee "$out/bench.log"

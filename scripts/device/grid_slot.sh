@@ -8,19 +8,11 @@
 set -euo pipefail
 limit=${1:?usage: grid_slot.sh SECONDS [grid options...]}
 shift
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then  # the project's pins, where the machine has other versions
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export PEFT_NLG_CACHE=${PEFT_NLG_CACHE:-/tmp/peft-nlg-cache}
+source scripts/device/prepare.sh
 if [ ! -f "$PEFT_NLG_CACHE/models/SmolLM2-135M-Instruct/model.safetensors" ]; then
   mkdir -p /tmp/parts && cp .dev/gguf/part-* /tmp/parts/ 2>/dev/null || true
   scripts/device/assemble_model.sh /tmp/parts "$(cat .dev/gguf/SHA256)"
 fi
-python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' \
-  | tee "$out/gpu.txt"
 python3 -m peft_nlg.cli setup -task all
 mkdir -p results
 started=$(date +%s)
