@@ -13,13 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from peft_nlg.data.io import atomic_write_text
+from peft_nlg.evaluation import ZERO_SHOT
 from peft_nlg.methods import METHODS
 from peft_nlg.targets import Outcome, check_targets, load_targets
 from peft_nlg.tasks import TASKS
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-ROW_ORDER = ["zero_shot", *METHODS]
-ROW_TITLES = {"zero_shot": "Zero-shot (no training)", **{m.name: m.title for m in METHODS.values()}}
+ROW_ORDER = [ZERO_SHOT, *METHODS]
+ROW_TITLES = {ZERO_SHOT: "Zero-shot (no training)", **{m.name: m.title for m in METHODS.values()}}
 
 
 def load_records(root: Path) -> list[dict]:
@@ -46,7 +47,7 @@ def _cell(record: dict | None, task: str) -> str:
         return "–"
     spec, scores = TASKS[task], record["scores"]
     text = f"{scores[spec.main_metric]:.2f} ({spec.second_metric} {scores[spec.second_metric]:.2f})"
-    if record["method"] != "zero_shot" and record.get("total_params"):
+    if record["method"] != ZERO_SHOT and record.get("total_params"):
         text += f" · {100 * record['trainable_params'] / record['total_params']:.2f}%"
     return text
 
@@ -153,12 +154,12 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
 
     written = []
     chosen = _best(records)
-    trained = {k: r for k, r in chosen.items() if k[0] != "zero_shot" and r.get("train")}
+    trained = {k: r for k, r in chosen.items() if k[0] != ZERO_SHOT and r.get("train")}
     if not trained:
         return written
 
     def zero_shot_line(axis, task: str) -> None:
-        floor = chosen.get(("zero_shot", task))
+        floor = chosen.get((ZERO_SHOT, task))
         if floor:
             axis.axhline(floor["scores"][TASKS[task].main_metric], color="grey", linestyle="--", label="zero-shot")
 
@@ -202,7 +203,7 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
 
     ladder = defaultdict(dict)
     for r in records:
-        if r["method"] != "zero_shot" and r.get("decoding", {}).get("search") == "greedy" and r.get("train"):
+        if r["method"] != ZERO_SHOT and r.get("decoding", {}).get("search") == "greedy" and r.get("train"):
             ladder[(r["task"], r["method"])][r["train"]["train_examples"]] = r["scores"][TASKS[r["task"]].main_metric]
     if any(len(points) > 1 for points in ladder.values()):
         figure, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4), squeeze=False)

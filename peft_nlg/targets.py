@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from peft_nlg.config import yaml_defaults
+from peft_nlg.evaluation import ZERO_SHOT
 from peft_nlg.methods import METHODS
 from peft_nlg.tasks import TASKS
 
-ZERO_SHOT = "zero_shot"
 Table = dict[tuple[str, str], dict]  # (method, task) -> the test record shown in the results table
 
 
