@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="real training tokens per run, one number or per task (0: epochs decide)")
     grid.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
                       help="start no run that would end after this (a GPU slot); rerun to go on")
+    grid.add_argument("--parallel", type=int, metavar="N",
+                      help="training runs at once, in processes sharing the device (default: defaults/study.yaml, "
+                           "per device type)")
     grid.add_argument("--plan", action="store_true", help="list the grid's runs and which are done; run nothing")
     grid.add_argument("--no-zero-shot", action="store_true")
     grid.add_argument("--records", default="results", help="where records go (commit these)")
@@ -181,6 +184,7 @@ def _token_budget(text: str) -> int | dict[str, int]:
 def _grid(args: argparse.Namespace) -> int:
     from peft_nlg.grid import GridSpec, plan, run_grid, study_defaults
     from peft_nlg.methods import METHODS, get_method
+    from peft_nlg.runtime import device
 
     def names(text, every):
         return list(every) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
@@ -194,7 +198,8 @@ def _grid(args: argparse.Namespace) -> int:
     budget = args.token_budget if args.token_budget is not None else study.get("token_budget", 0)
     spec = GridSpec(tasks=names(args.tasks, TASKS), methods=[get_method(m).name for m in names(args.methods, METHODS)],
                     lr_factors=lr_factors, ladder=ladder, token_budget=budget, overrides=overrides,
-                    zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit)
+                    zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit,
+                    parallel=args.parallel or study["parallel"][device().type])
     if args.plan:
         rows = plan(spec, Path(args.records))
         for name, finished in rows:

@@ -96,7 +96,8 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         "total_params": train_record.get("total_params", total),
         "train": {k: train_record.get(k) for k in (
             "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
-            "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command")}
+            "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command",
+            "concurrent_runs")}
         if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
         "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},

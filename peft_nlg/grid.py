@@ -7,24 +7,35 @@ weights stay in ``--work-dir`` (not committed).
 Fairness: each method gets the same number of learning rates to try (its default x ``--lr-factors``), the
 same training budget in real tokens, and the same data; the test split is scored only for the learning
 rate that was best on validation, and the ladder reuses that learning rate.
+
+Speed: a small model leaves a GPU mostly waiting on the host, so up to ``parallel`` runs of one group (the
+learning rates of one method's search, a few ladder rungs) train at once in worker processes that share the
+device. Records say how many shared it, so training times are read in context.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import sys
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft_nlg.config import build_config, check_keys, yaml_defaults
 from peft_nlg.data.io import write_json
 from peft_nlg.evaluation import test
+from peft_nlg.runtime import release_device_memory
 from peft_nlg.training import train
 
 # fields that depend on the machine's speed or on where files are, not on the computation
 VOLATILE = {"finished_at", "train_seconds", "train_tokens_per_s", "steady_tokens_per_s", "generate_seconds",
             "new_tokens_per_s", "generation_peak_memory_gb", "peak_memory_gb", "step_times", "_path",
-            "test_file", "output_dir", "data_dir", "model", "hardware", "config", "command"}
+            "test_file", "output_dir", "data_dir", "model", "hardware", "config", "command",
+            "concurrent_runs"}
 
 
 @dataclass
@@ -37,6 +48,7 @@ class GridSpec:
     overrides: dict = field(default_factory=dict)    # any RunConfig field, for every run
     zero_shot: bool = True
     time_limit_s: float = 0.0                        # stop before a run that would not end in time (0: no limit)
+    parallel: int = 1                                # training runs at once, in processes sharing the device
 
     def base_overrides(self, task: str) -> dict:
         budget = self.token_budget.get(task, 0) if isinstance(self.token_budget, dict) else self.token_budget
@@ -74,9 +86,13 @@ class _Clock:
 def study_defaults() -> dict:
     """defaults/study.yaml: the committed grid settings, checked like every other layer of defaults."""
     study = yaml_defaults("study.yaml")
-    unknown = set(study) - {"token_budget", "lr_factors", "ladder", "set"}
+    unknown = set(study) - {"token_budget", "lr_factors", "ladder", "parallel", "set"}
     if unknown:
         raise ValueError(f"defaults/study.yaml: unknown key(s) {', '.join(sorted(unknown))}")
+    parallel = study.setdefault("parallel", {})
+    if set(parallel) - {"cpu", "cuda"} or not all(isinstance(n, int) and n >= 1 for n in parallel.values()):
+        raise ValueError("defaults/study.yaml: parallel must map cpu and/or cuda to a number of runs >= 1")
+    study["parallel"] = {"cpu": 1, "cuda": 1, **parallel}
     check_keys(study.get("set", {}), "defaults/study.yaml:set")
     return study
 
@@ -98,7 +114,7 @@ def _search_record(records: Path, task: str, method: str) -> Path:
     return records / task / method / "lr_search.json"
 
 
-def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool) -> dict:
+def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool, shared_by: int = 1) -> dict:
     """Train unless done; the record is kept under the records (so a learning-rate search survives a lost
     work dir), the model only in the work dir: a run whose model is needed but gone is trained again."""
     local = work / "train_record.json"
@@ -109,9 +125,61 @@ def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool)
     else:
         resume = (work / "checkpoint" / "state.json").is_file()
         record = train(build_config({**overrides, "output_dir": str(work), "resume": resume, "overwrite": not resume}))
+        if shared_by > 1:  # its times were measured while other runs used the same device
+            record["concurrent_runs"] = shared_by
+            write_json(local, record)
     if not record_dst.is_file():
         write_json(record_dst, {k: v for k, v in record.items() if k != "step_times"})
     return record
+
+
+def _train_in_worker(overrides: dict, work: Path, record_dst: Path, need_model: bool, shared_by: int) -> dict:
+    """One run in a worker process; its progress goes to <work>/train.log, not into the grid's log."""
+    work.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    with open(work / "train.log", "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    try:
+        return _train_once(overrides, work, record_dst, need_model, shared_by)
+    except BaseException:
+        traceback.print_exc()  # the whole story stays in the run's log; the grid gets the one-line reason
+        raise
+
+
+Job = tuple[dict, Path, Path]  # overrides, work dir, where the train record goes
+
+
+class _Trainer:
+    """Trains a group of runs one after another, or up to ``parallel`` at once in worker processes."""
+
+    def __init__(self, parallel: int):
+        self.parallel, self._pool = max(1, parallel), None
+        # the host's cores are split between the workers, so they do not oversubscribe them
+        self.threads = max(1, (os.cpu_count() or 1) // self.parallel)
+
+    def train(self, jobs: list[Job], need_model: bool) -> list[dict]:
+        if self.parallel == 1 or len(jobs) == 1:
+            return [_train_once(*job, need_model=need_model) for job in jobs]
+        if self._pool is None:  # spawned, not forked: CUDA cannot be shared with a forked child
+            self._pool = ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn"))
+        records, failures = [], []
+        for start in range(0, len(jobs), self.parallel):
+            group = jobs[start:start + self.parallel]
+            futures = [self._pool.submit(_train_in_worker, {"threads": self.threads, **overrides}, work, dst,
+                                         need_model, len(group)) for overrides, work, dst in group]
+            for (_, work, _), future in zip(group, futures, strict=True):
+                try:
+                    records.append(future.result())
+                except Exception as error:  # the group's other runs still finish and keep their records
+                    failures.append(f"{work}: {type(error).__name__}: {error} (log: {work / 'train.log'})")
+        if failures:
+            raise RuntimeError("training failed: " + "; ".join(failures))
+        return records
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _test_once(overrides: dict, work: Path, record_dst: Path, extra: dict, zero_shot: bool = False) -> dict:
@@ -134,10 +202,11 @@ def _train_and_test(overrides: dict, work: Path, record_dst: Path, grid_fields: 
 def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[dict]:
     """Phase 1 fills the results table (zero-shot, search, selected run on the full split) task by task;
     phase 2 runs the data-size ladder. Returns the test records, reused ones included."""
-    clock, done = _Clock(spec.time_limit_s), []
+    clock, done, trainer = _Clock(spec.time_limit_s), [], _Trainer(spec.parallel)
 
     def tested(task: str, dst: Path, work, *args, **kwargs):
         record = _read(dst) or clock.run(task, work, *args, **kwargs)
+        release_device_memory()  # workers training next need the memory this process's test held
         done.append(record)
         log(f"{task}/{record['method']} {dst.parent.name}: {record['scores']}")
 
@@ -149,38 +218,52 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
                 tested(task, dst, _test_once, {**base, "method": "none"}, work_dir / task / "zero_shot", dst,
                        {"grid": {"selected": True}}, zero_shot=True)
             for method in spec.methods:
-                best_lr = _search(spec, task, method, records, work_dir, clock, log)
+                best_lr = _search(spec, task, method, records, work_dir, clock, trainer, log)
                 run = _run_name(best_lr, 0)
                 dst = _test_record(records, task, method, run)
                 tested(task, dst, _train_and_test, {**base, "method": method, "learning_rate": best_lr},
                        work_dir / task / method / run, dst,
                        {"selected": True, "learning_rate": best_lr, "train_examples": None})
         for task in spec.tasks:
+            rungs = []
             for method in spec.methods if spec.ladder else []:
                 best_lr = json.loads(_search_record(records, task, method).read_text())["selected_lr"]
                 for examples in spec.ladder:
                     run = _run_name(best_lr, examples)
-                    dst = _test_record(records, task, method, run)
                     overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
                                  "train_examples": examples}
-                    tested(task, dst, _train_and_test, overrides, work_dir / task / method / run, dst,
-                           {"selected": False, "learning_rate": best_lr, "train_examples": examples})
+                    rungs.append((overrides, work_dir / task / method / run, _test_record(records, task, method, run)))
+            for start in range(0, len(rungs), trainer.parallel):
+                group = rungs[start:start + trainer.parallel]
+                untested = [(o, w, dst.with_name("record-train.json")) for o, w, dst in group if not dst.is_file()]
+                if len(untested) > 1:  # trained together, then tested one by one
+                    clock.run(task, trainer.train, untested, need_model=True)
+                for overrides, work, dst in group:
+                    tested(task, dst, _train_and_test, overrides, work, dst,
+                           {"selected": False, "learning_rate": overrides["learning_rate"],
+                            "train_examples": overrides["train_examples"]})
     except OutOfTime as stop:
         log(f"time limit: {stop}; {len(done)} test records so far. Run the same command again to go on.")
+    finally:
+        trainer.close()
     return done
 
 
-def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock, log) -> float:
+def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock,
+            trainer: _Trainer, log) -> float:
     """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used)."""
-    search = {}
+    jobs = {}
     for lr in spec.learning_rates(task, method):
         run = _run_name(lr, 0)
         overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
-        dst = _train_record(records, task, method, run)
-        record = _read(dst) or clock.run(task, _train_once, overrides, work_dir / task / method / run, dst,
-                                         need_model=False)
-        search[lr] = record["best_valid_loss"]
-        log(f"{task}/{method} lr {lr:g}: valid loss {record['best_valid_loss']:.4f}")
+        jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
+    untrained = [job for job in jobs.values() if not job[2].is_file()]
+    if untrained:
+        clock.run(task, trainer.train, untrained, need_model=False)
+    search = {}
+    for lr, (_, _, dst) in jobs.items():
+        search[lr] = json.loads(dst.read_text())["best_valid_loss"]
+        log(f"{task}/{method} lr {lr:g}: valid loss {search[lr]:.4f}")
     best_lr = min(search, key=search.get)
     summary = {"task": task, "method": method, "valid_loss_by_lr": {f"{k:g}": v for k, v in search.items()},
                "selected_lr": best_lr}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -136,17 +137,39 @@ def load_base(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loade
     return loaded
 
 
+def _resident_peak_kb() -> int:
+    """The process's peak resident memory since the last reset (Linux VmHWM), else its lifetime maximum."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def peak_memory_gb(dev: torch.device) -> dict:
     if dev.type == "cuda":
         return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3),
                 "peak_memory_kind": "cuda max allocated"}
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_memory_gb": round(rss_kb / 2**20, 3), "peak_memory_kind": "process max RSS (CPU)"}
+    return {"peak_memory_gb": round(_resident_peak_kb() / 2**20, 3), "peak_memory_kind": "process max RSS (CPU)"}
 
 
 def reset_peak_memory(dev: torch.device) -> None:
+    """Start measuring from now: in a grid one process runs many models, and each record must hold its own."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        return
+    try:  # Linux resets the peak resident set size when "5" is written here
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def release_device_memory() -> None:
+    """Drop the last run's model and hand cached GPU memory back, for the next run and for other processes."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def synchronize(dev: torch.device) -> None:

@@ -3,6 +3,8 @@ whose README table can be checked against them."""
 
 import json
 
+import pytest
+
 from peft_nlg import cli
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
 from peft_nlg.report import END, START, load_records, main_table, report
@@ -32,9 +34,24 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     assert fingerprints[("lora", None)] == fingerprints[("ia3", None)] != fingerprints[("lora", 2)]
     assert fingerprints[("lora", 2)] == fingerprints[("ia3", 2)]
 
-    # same configuration and seed on the same machine: the same records, times aside
+    # same configuration and seed on the same machine: the same records, times aside, whether runs train one
+    # after another or two at once in worker processes (which say so in their records, and log to files)
+    spec.parallel = 2
     second = run_grid(spec, tmp_path / "rec2", tmp_path / "work2", log=lambda *_: None)
+    spec.parallel = 1
     assert [stable_view(r) for r in first] == [stable_view(r) for r in second]
+    assert {r["train"].get("concurrent_runs") for r in first[1:]} == {None}
+    assert {r["train"]["concurrent_runs"] for r in second[1:]} == {2}
+    logs = {p.parent.relative_to(tmp_path / "work2").as_posix(): p.read_text() for p in
+            (tmp_path / "work2").rglob("train.log")}
+    assert len(logs) == 6  # 2 methods x (2 learning rates + 1 ladder rung)
+    assert all(f"train translation/{name.split('/')[1]}" in text for name, text in logs.items())
+    # the report says which times were measured on a shared device
+    shared_readme = tmp_path / "README-shared.md"
+    shared_readme.write_text(f"{START}\n{END}\n")
+    assert report(tmp_path / "rec2", readme=shared_readme) == 0
+    shared_md = (tmp_path / "rec2" / "RESULTS.md").read_text()
+    assert "2 runs trained at once on one device" in shared_md and " (2 at once) |" in shared_md
 
     # a finished grid is not run again: records are reused as they are
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
@@ -106,3 +123,20 @@ def test_study_defaults_cover_every_task_and_are_valid_settings():
     assert 1.0 in study["lr_factors"] and len(study["lr_factors"]) >= 2  # the method's own default is tried
     for task in TASKS:
         build_config({**study["set"], "task": task})  # raises on an unknown setting
+
+
+def test_parallel_training_failure_names_the_run_and_its_log(tiny_data, tmp_path):
+    """A run that fails in a worker process fails the grid with its work dir and log, after the others end."""
+    from peft_nlg.grid import _Trainer
+
+    trainer = _Trainer(2)
+    jobs = [({"task": "translation", "method": "lora", "model": str(tmp_path / "no-such-model"),
+              "data_dir": str(tiny_data), "report_to": "none"}, tmp_path / f"run{i}", tmp_path / f"rec{i}.json")
+            for i in range(2)]
+    try:
+        with pytest.raises(RuntimeError, match=r"training failed: .*run0: .*no-such-model.*run0/train\.log\)"):
+            trainer.train(jobs, need_model=False)
+    finally:
+        trainer.close()
+    assert "no-such-model" in (tmp_path / "run1" / "train.log").read_text()
+    assert not (tmp_path / "rec0.json").exists()

@@ -249,3 +249,24 @@ def test_prefix_text_initialisation_starts_near_the_base_model(tiny_models):
         reference = loaded.model.get_base_model()(input_ids=ids, use_cache=True).past_key_values
     prompt = loaded.model.get_prompt(batch_size=1)
     assert torch.allclose(prompt.layers[1].values, reference.layers[1].values, atol=1e-5)
+
+
+def test_peak_memory_is_measured_per_run_not_per_process():
+    """A grid runs many models in one process: after a reset, a large earlier allocation no longer counts."""
+    import sys
+
+    import numpy as np
+
+    from peft_nlg.runtime import peak_memory_gb, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the per-run CPU peak uses Linux's resettable VmHWM")
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory_gb(cpu)["peak_memory_gb"]
+    block = np.ones(2**28 // 8 * 4)  # 1 GiB, touched
+    with_block = peak_memory_gb(cpu)["peak_memory_gb"]
+    assert with_block >= before + 0.9
+    del block
+    reset_peak_memory(cpu)
+    assert peak_memory_gb(cpu)["peak_memory_gb"] <= with_block - 0.9

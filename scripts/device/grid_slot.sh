@@ -17,7 +17,9 @@ python3 -m peft_nlg.cli setup -task all
 mkdir -p results
 started=$(date +%s)
 snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
-(while sleep 20; do snapshot; done) &
+# runs trained in worker processes (study.yaml: parallel) log to <work dir>/train.log; those come back too
+worker_logs() { (cd /tmp && find grid -name train.log 2>/dev/null | tar czf "$out/train-logs.tgz" -T -) || true; }
+(while sleep 20; do snapshot; worker_logs; done) &
 saver=$!
 set +e
 python3 -m peft_nlg.cli grid --records results --work-dir /tmp/grid \
@@ -25,5 +27,6 @@ python3 -m peft_nlg.cli grid --records results --work-dir /tmp/grid \
 status=${PIPESTATUS[0]}
 kill $saver 2>/dev/null
 snapshot
+worker_logs
 python3 -m peft_nlg.cli grid --records results --plan "$@" | tail -1 | tee -a "$out/grid.log"
 exit "$status"
