@@ -169,3 +169,34 @@ def test_compiled_blocks_train_like_eager(tiny_models, tiny_data, tmp_path, arch
     model = load_for_training(config, torch.device("cpu"), torch.float32).model
     expected = {"llama": 2, "t5": 4}[arch]  # the tiny configs' blocks (T5: encoder + decoder)
     assert compile_repeated_layers(model) == expected
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_best_weights_kept_in_memory_are_the_ones_saved_at_each_improvement(tiny_models, tmp_path, monkeypatch,
+                                                                            method):
+    """Without checkpoints the best weights are written once, at the end, and they are exactly the weights the
+    checkpointing path writes at the best validation (in a run that overfits: its last step is not its best)."""
+    from conftest import TINY_PAIRS
+
+    from peft_nlg import training
+
+    data = tmp_path / "data" / "translation"
+    data.mkdir(parents=True)
+    for split, rows in (("train", TINY_PAIRS["translation"]), ("valid", TINY_PAIRS["dialogue"][:3])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"src": s, "trg": t}) + "\n" for s, t in rows))
+    saves = []
+    original = training._save_best
+    monkeypatch.setattr(training, "_save_best", lambda out, *a: (saves.append(out.name), original(out, *a)))
+    records = {}
+    for name, checkpoints in (("disk", True), ("memory", False)):
+        config = build_config({"task": "translation", "method": method, "model": str(tiny_models["llama"]),
+                               "data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / name),
+                               "report_to": "none", "max_steps": 10, "eval_every": 1, "patience": 100,
+                               "learning_rate": 3e-2, "save_checkpoints": checkpoints})
+        records[name] = training.train(config)
+    assert records["disk"]["history"] == records["memory"]["history"]
+    assert records["memory"]["best_step"] < 10  # the last weights are not the best ones
+    assert saves.count("memory") == 1 < saves.count("disk")
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    saved = {name: (tmp_path / name / "model" / weights).read_bytes() for name in records}
+    assert saved["memory"] == saved["disk"]
