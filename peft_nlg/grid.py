@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft_nlg.config import build_config, check_keys, yaml_defaults
+from peft_nlg.config import build_config, check_keys, load_config_file, yaml_defaults
 from peft_nlg.data.io import write_json
 from peft_nlg.evaluation import test
 from peft_nlg.runtime import release_device_memory
@@ -114,16 +114,33 @@ def _search_record(records: Path, task: str, method: str) -> Path:
     return records / task / method / "lr_search.json"
 
 
+# settings that change nothing a training run computes
+_NOT_TRAINING = {"output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "search",
+                 "num_beams", "max_new_tokens", "no_repeat_ngram", "max_test_examples", "test_file",
+                 "gen_batch_tokens", "gen_max_batch_size"}
+
+
+def _same_settings(work: Path, overrides: dict) -> bool:
+    """Whether the run already in ``work`` (from an earlier grid, perhaps with other settings) is this one."""
+    saved = work / "config.yaml"
+    if not saved.is_file():
+        return False
+    wanted, have = build_config({**overrides, "output_dir": str(work)}).to_dict(), load_config_file(saved).to_dict()
+    return all(wanted[k] == have[k] for k in wanted if k not in _NOT_TRAINING)
+
+
 def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool, shared_by: int = 1) -> dict:
     """Train unless done; the record is kept under the records (so a learning-rate search survives a lost
-    work dir), the model only in the work dir: a run whose model is needed but gone is trained again."""
+    work dir), the model only in the work dir: a run whose model is needed but gone is trained again. A work
+    dir is reused (or resumed) only if it holds this very run; one trained with other settings is replaced."""
     local = work / "train_record.json"
-    if local.is_file() and (work / "model").is_dir():
+    same = _same_settings(work, overrides)
+    if same and local.is_file() and (work / "model").is_dir():
         record = json.loads(local.read_text())
     elif record_dst.is_file() and not need_model:
         return json.loads(record_dst.read_text())
     else:
-        resume = (work / "checkpoint" / "state.json").is_file()
+        resume = same and (work / "checkpoint" / "state.json").is_file()
         record = train(build_config({**overrides, "output_dir": str(work), "resume": resume, "overwrite": not resume}))
         if shared_by > 1:  # its times were measured while other runs used the same device
             record["concurrent_runs"] = shared_by

@@ -58,6 +58,12 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     run_grid(spec, tmp_path / "rec1", tmp_path / "work1", log=lambda *_: None)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
 
+    # a work dir left by a grid with other settings is not taken for this grid's run
+    spec.overrides = {**spec.overrides, "seed": 1}
+    run_grid(spec, tmp_path / "rec3", tmp_path / "work1", log=lambda *_: None)
+    spec.overrides = {k: v for k, v in spec.overrides.items() if k != "seed"}
+    assert {json.loads(p.read_text())["seed"] for p in (tmp_path / "rec3").rglob("record-train.json")} == {1}
+
     # the report: the README table comes from the records, and --check notices a hand edit
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{START}\nold\n{END}\nrest\n")
