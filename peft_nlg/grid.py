@@ -150,48 +150,46 @@ def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool,
     return record
 
 
-def _train_in_worker(overrides: dict, work: Path, record_dst: Path, need_model: bool, shared_by: int) -> dict:
-    """One run in a worker process; its progress goes to <work>/train.log, not into the grid's log."""
+def _in_worker(function, overrides: dict, work: Path, *args):
+    """One job in a worker process; its output goes to <work>/train.log, not into the grid's log."""
     work.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
     with open(work / "train.log", "a", encoding="utf-8") as log:
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
     try:
-        return _train_once(overrides, work, record_dst, need_model, shared_by)
+        return function(overrides, work, *args)
     except BaseException:
         traceback.print_exc()  # the whole story stays in the run's log; the grid gets the one-line reason
         raise
 
 
-Job = tuple[dict, Path, Path]  # overrides, work dir, where the train record goes
-
-
-class _Trainer:
-    """Trains a group of runs one after another, or up to ``parallel`` at once in worker processes."""
+class _Workers:
+    """Runs a group of jobs ``function(overrides, work_dir, ..., shared_by)`` one after another, or up to
+    ``parallel`` at once in worker processes (``shared_by`` tells each how many ran beside it)."""
 
     def __init__(self, parallel: int):
         self.parallel, self._pool = max(1, parallel), None
         # the host's cores are split between the workers, so they do not oversubscribe them
         self.threads = max(1, (os.cpu_count() or 1) // self.parallel)
 
-    def train(self, jobs: list[Job], need_model: bool) -> list[dict]:
+    def map(self, function, jobs: list[tuple]) -> list:
         if self.parallel == 1 or len(jobs) == 1:
-            return [_train_once(*job, need_model=need_model) for job in jobs]
+            return [function(*job) for job in jobs]
         if self._pool is None:  # spawned, not forked: CUDA cannot be shared with a forked child
             self._pool = ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn"))
-        records, failures = [], []
+        results, failures = [], []
         for start in range(0, len(jobs), self.parallel):
             group = jobs[start:start + self.parallel]
-            futures = [self._pool.submit(_train_in_worker, {"threads": self.threads, **overrides}, work, dst,
-                                         need_model, len(group)) for overrides, work, dst in group]
-            for (_, work, _), future in zip(group, futures, strict=True):
+            futures = [self._pool.submit(_in_worker, function, {"threads": self.threads, **overrides}, work, *rest,
+                                         len(group)) for overrides, work, *rest in group]
+            for (_, work, *_), future in zip(group, futures, strict=True):
                 try:
-                    records.append(future.result())
+                    results.append(future.result())
                 except Exception as error:  # the group's other runs still finish and keep their records
                     failures.append(f"{work}: {type(error).__name__}: {error} (log: {work / 'train.log'})")
         if failures:
             raise RuntimeError("training failed: " + "; ".join(failures))
-        return records
+        return results
 
     def close(self) -> None:
         if self._pool is not None:
@@ -211,15 +209,16 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _train_and_test(overrides: dict, work: Path, record_dst: Path, grid_fields: dict) -> dict:
-    _train_once(overrides, work, record_dst.with_name("record-train.json"), need_model=True)
-    return _test_once(overrides, work, record_dst, {"grid": grid_fields})
+def _train_and_test(overrides: dict, work: Path, record_dst: Path, grid_fields: dict, shared_by: int = 1) -> dict:
+    _train_once(overrides, work, record_dst.with_name("record-train.json"), True, shared_by)
+    shared = {"concurrent_runs": shared_by} if shared_by > 1 else {}  # generation speed, too, was measured shared
+    return _test_once(overrides, work, record_dst, {"grid": {**grid_fields, **shared}})
 
 
 def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[dict]:
     """Phase 1 fills the results table (zero-shot, search, selected run on the full split) task by task;
     phase 2 runs the data-size ladder. Returns the test records, reused ones included."""
-    clock, done, trainer = _Clock(spec.time_limit_s), [], _Trainer(spec.parallel)
+    clock, done, workers = _Clock(spec.time_limit_s), [], _Workers(spec.parallel)
 
     def tested(task: str, dst: Path, work, *args, **kwargs):
         record = _read(dst) or clock.run(task, work, *args, **kwargs)
@@ -235,7 +234,7 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
                 tested(task, dst, _test_once, {**base, "method": "none"}, work_dir / task / "zero_shot", dst,
                        {"grid": {"selected": True}}, zero_shot=True)
             for method in spec.methods:
-                best_lr = _search(spec, task, method, records, work_dir, clock, trainer, log)
+                best_lr = _search(spec, task, method, records, work_dir, clock, workers, log)
                 run = _run_name(best_lr, 0)
                 dst = _test_record(records, task, method, run)
                 tested(task, dst, _train_and_test, {**base, "method": method, "learning_rate": best_lr},
@@ -249,34 +248,32 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
                     run = _run_name(best_lr, examples)
                     overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
                                  "train_examples": examples}
-                    rungs.append((overrides, work_dir / task / method / run, _test_record(records, task, method, run)))
-            for start in range(0, len(rungs), trainer.parallel):
-                group = rungs[start:start + trainer.parallel]
-                untested = [(o, w, dst.with_name("record-train.json")) for o, w, dst in group if not dst.is_file()]
-                if len(untested) > 1:  # trained together, then tested one by one
-                    clock.run(task, trainer.train, untested, need_model=True)
-                for overrides, work, dst in group:
-                    tested(task, dst, _train_and_test, overrides, work, dst,
-                           {"selected": False, "learning_rate": overrides["learning_rate"],
-                            "train_examples": overrides["train_examples"]})
+                    rungs.append((overrides, work_dir / task / method / run, _test_record(records, task, method, run),
+                                  {"selected": False, "learning_rate": best_lr, "train_examples": examples}))
+            for start in range(0, len(rungs), workers.parallel):
+                group = [rung for rung in rungs[start:start + workers.parallel] if not rung[2].is_file()]
+                if len(group) > 1:  # trained and tested together (a rung's test takes about as long as its training)
+                    clock.run(task, workers.map, _train_and_test, group)
+                for rung in rungs[start:start + workers.parallel]:
+                    tested(task, rung[2], _train_and_test, *rung)
     except OutOfTime as stop:
         log(f"time limit: {stop}; {len(done)} test records so far. Run the same command again to go on.")
     finally:
-        trainer.close()
+        workers.close()
     return done
 
 
 def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock,
-            trainer: _Trainer, log) -> float:
+            workers: _Workers, log) -> float:
     """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used)."""
     jobs = {}
     for lr in spec.learning_rates(task, method):
         run = _run_name(lr, 0)
         overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
-    untrained = [job for job in jobs.values() if not job[2].is_file()]
+    untrained = [(*job, False) for job in jobs.values() if not job[2].is_file()]  # no model needed yet
     if untrained:
-        clock.run(task, trainer.train, untrained, need_model=False)
+        clock.run(task, workers.map, _train_once, untrained)
     search = {}
     for lr, (_, _, dst) in jobs.items():
         search[lr] = json.loads(dst.read_text())["best_valid_loss"]

@@ -42,6 +42,8 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     assert [stable_view(r) for r in first] == [stable_view(r) for r in second]
     assert {r["train"].get("concurrent_runs") for r in first[1:]} == {None}
     assert {r["train"]["concurrent_runs"] for r in second[1:]} == {2}
+    # ladder rungs are tested in the workers too, so their generation speed was measured shared as well
+    assert [r["grid"].get("concurrent_runs") for r in second[1:]] == [None, None, 2, 2]
     logs = {p.parent.relative_to(tmp_path / "work2").as_posix(): p.read_text() for p in
             (tmp_path / "work2").rglob("train.log")}
     assert len(logs) == 6  # 2 methods x (2 learning rates + 1 ladder rung)
@@ -133,16 +135,16 @@ def test_study_defaults_cover_every_task_and_are_valid_settings():
 
 def test_parallel_training_failure_names_the_run_and_its_log(tiny_data, tmp_path):
     """A run that fails in a worker process fails the grid with its work dir and log, after the others end."""
-    from peft_nlg.grid import _Trainer
+    from peft_nlg.grid import _train_once, _Workers
 
-    trainer = _Trainer(2)
+    workers = _Workers(2)
     jobs = [({"task": "translation", "method": "lora", "model": str(tmp_path / "no-such-model"),
               "data_dir": str(tiny_data), "report_to": "none"}, tmp_path / f"run{i}", tmp_path / f"rec{i}.json")
             for i in range(2)]
     try:
         with pytest.raises(RuntimeError, match=r"training failed: .*run0: .*no-such-model.*run0/train\.log\)"):
-            trainer.train(jobs, need_model=False)
+            workers.map(_train_once, [(*job, False) for job in jobs])
     finally:
-        trainer.close()
+        workers.close()
     assert "no-such-model" in (tmp_path / "run1" / "train.log").read_text()
     assert not (tmp_path / "rec0.json").exists()
