@@ -182,11 +182,18 @@ class _Workers:
             group = jobs[start:start + self.parallel]
             futures = [self._pool.submit(_in_worker, function, {"threads": self.threads, **overrides}, work, *rest,
                                          len(group)) for overrides, work, *rest in group]
-            for (_, work, *_), future in zip(group, futures, strict=True):
-                try:
+            for job, future in zip(group, futures, strict=True):
+                try:  # the group's other runs finish and keep their records whatever happens to this one
                     results.append(future.result())
-                except Exception as error:  # the group's other runs still finish and keep their records
-                    failures.append(f"{work}: {type(error).__name__}: {error} (log: {work / 'train.log'})")
+                except Exception as shared_error:
+                    # sharing the device may be the cause (memory): once more, alone, in this process
+                    work = job[1]
+                    print(f"{work}: failed beside other runs ({type(shared_error).__name__}: {shared_error}); "
+                          "running it alone", file=sys.stderr)
+                    try:
+                        results.append(function(*job))
+                    except Exception as error:
+                        failures.append(f"{work}: {type(error).__name__}: {error} (log: {work / 'train.log'})")
         if failures:
             raise RuntimeError("training failed: " + "; ".join(failures))
         return results

@@ -148,3 +148,24 @@ def test_parallel_training_failure_names_the_run_and_its_log(tiny_data, tmp_path
         workers.close()
     assert "no-such-model" in (tmp_path / "run1" / "train.log").read_text()
     assert not (tmp_path / "rec0.json").exists()
+
+
+def fails_in_a_worker(overrides, work, value, shared_by=1):
+    """A job that fails only beside others, in a worker process (as when the shared GPU runs out of memory)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        raise MemoryError("out of memory beside the other runs")
+    return {"value": value, "shared_by": shared_by}
+
+
+def test_a_run_that_fails_beside_others_is_retried_alone(tmp_path):
+    from peft_nlg.grid import _Workers
+
+    workers = _Workers(2)
+    try:
+        results = workers.map(fails_in_a_worker, [({}, tmp_path / f"run{i}", i) for i in range(2)])
+    finally:
+        workers.close()
+    assert results == [{"value": 0, "shared_by": 1}, {"value": 1, "shared_by": 1}]
+    assert "MemoryError: out of memory beside the other runs" in (tmp_path / "run0" / "train.log").read_text()
