@@ -280,7 +280,12 @@ def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Pat
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
     untrained = [(*job, False) for job in jobs.values() if not job[2].is_file()]  # no model needed yet
     if untrained:
-        clock.run(task, workers.map, _train_once, untrained)
+        started = time.monotonic()
+        trained = clock.run(task, workers.map, _train_once, untrained)
+        # what sharing the device buys shows here: the search's real tokens over its wall time, loading included
+        tokens, seconds = sum(r["train_tokens"] for r in trained), time.monotonic() - started
+        log(f"{task}/{method}: {len(trained)} runs, up to {workers.parallel} at once: {tokens:,} tokens in "
+            f"{seconds:.0f} s, {tokens / seconds:,.0f} tokens/s together")
     search = {}
     for lr, (_, _, dst) in jobs.items():
         search[lr] = json.loads(dst.read_text())["best_valid_loss"]
