@@ -19,7 +19,7 @@ _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "l
                "warmup_ratio", "batch_tokens", "max_batch_size", "grad_accum", "max_grad_norm", "compile",
                "gradient_checkpointing", "eval_every", "patience", "max_valid_examples", "resume", "report_to",
                "save_checkpoints", "method_options", "max_source_tokens", "max_target_tokens", "precision",
-               "model", "seed"}
+               "model", "seed", "profile_steps"}
 _TEST_ONLY = {"max_test_examples", "test_file"}
 _DECODING = {"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens", "gen_max_batch_size"}
 

@@ -70,6 +70,8 @@ class RunConfig:
     trust_remote_code: bool = False
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    profile_steps: int = field(default=0, metadata={
+        "help": "profile this many training steps after 5 warm-up steps (torch.profiler; writes profile.txt)"})
 
     def resolved_sizes(self, on_gpu: bool) -> dict:
         """Batch sizes with 0 ("auto") replaced by a sensible value for the device.

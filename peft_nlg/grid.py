@@ -125,7 +125,11 @@ def _same_settings(work: Path, overrides: dict) -> bool:
     saved = work / "config.yaml"
     if not saved.is_file():
         return False
-    wanted, have = build_config({**overrides, "output_dir": str(work)}).to_dict(), load_config_file(saved).to_dict()
+    try:
+        have = load_config_file(saved).to_dict()
+    except (ValueError, TypeError):  # written by another version of the tool: not this run
+        return False
+    wanted = build_config({**overrides, "output_dir": str(work)}).to_dict()
     return all(wanted[k] == have[k] for k in wanted if k not in _NOT_TRAINING)
 
 

@@ -177,6 +177,42 @@ def synchronize(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+class StepProfiler:
+    """torch.profiler over ``active`` training steps after ``wait`` (+1 warm-up) steps; writes an op table and
+    how busy the device was. Where a small model's step time goes (host launching kernels, or the device)."""
+
+    def __init__(self, dev: torch.device, active: int, path: Path, wait: int = 5):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.dev, self.path, self.active, self.started = dev, path, active, None
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        self.profiler = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=active),
+                                on_trace_ready=self._write)
+        self.profiler.start()
+        self.step_number = 0
+        self.wait = wait
+
+    def step(self) -> None:
+        synchronize(self.dev)
+        self.step_number += 1
+        if self.step_number == self.wait + 1:  # the active steps start after this one
+            self.started = time.perf_counter()
+        self.profiler.step()
+
+    def _write(self, profiler) -> None:
+        wall = time.perf_counter() - self.started if self.started else float("nan")
+        events = profiler.key_averages()
+        on_device = sum(e.self_device_time_total for e in events) / 1e6 if self.dev.type == "cuda" else 0.0
+        sort = "self_cuda_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
+        busy = f"device kernels {on_device:.3f} s ({100 * on_device / wall:.0f}% of wall); " if on_device else ""
+        summary = (f"{self.active} steps in {wall:.3f} s wall ({wall / self.active * 1000:.1f} ms per step); {busy}"
+                   "the profiler's own overhead is in the wall time\n")
+        self.path.write_text(summary + events.table(sort_by=sort, row_limit=40), encoding="utf-8")
+
+    def stop(self) -> None:
+        self.profiler.stop()
+
+
 def hardware(dev: torch.device) -> dict:
     info = {"device": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}

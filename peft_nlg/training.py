@@ -29,6 +29,7 @@ from peft_nlg.data.splits import fingerprint
 from peft_nlg.loss import summed_loss
 from peft_nlg.models import compile_repeated_layers, count_parameters
 from peft_nlg.runtime import (
+    StepProfiler,
     command_line,
     compute_dtype,
     device,
@@ -250,6 +251,7 @@ def train(config: RunConfig) -> dict:
     # at the end, not at every improvement (0.5 GB for full fine-tuning; small-data runs improve at most
     # of their many validations)
     best_in_memory = None
+    profiler = StepProfiler(dev, config.profile_steps, out / "profile.txt") if config.profile_steps else None
     window_loss, window_count = torch.zeros((), device=dev), 0
     while not stop:
         plan = epoch_plan(state["epoch"])
@@ -279,6 +281,8 @@ def train(config: RunConfig) -> dict:
             state["batch_in_epoch"] += 1
             window_loss, window_count = window_loss + step_loss, window_count + n_targets
             progress.update(1)
+            if profiler:
+                profiler.step()
             if writer and state["step"] % 10 == 0:
                 writer.add_scalar("train/loss", float(window_loss) / window_count, state["step"])
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
@@ -315,6 +319,8 @@ def train(config: RunConfig) -> dict:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     progress.close()
+    if profiler:
+        profiler.stop()
     if best_in_memory is not None and accelerator.is_main_process:
         _load_trainable(accelerator.unwrap_model(model), best_in_memory)  # training is over: the model may change
         _save_best(out, accelerator.unwrap_model(model), tokenizer)

@@ -200,3 +200,14 @@ def test_best_weights_kept_in_memory_are_the_ones_saved_at_each_improvement(tiny
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     saved = {name: (tmp_path / name / "model" / weights).read_bytes() for name in records}
     assert saved["memory"] == saved["disk"]
+
+
+
+def test_profiled_steps_write_an_op_table(tiny_models, tiny_data, tmp_path):
+    """--profile-steps: where a step's time goes, for steps 7 and 8 (after warm-up), without changing the run."""
+    out = tmp_path / "run"
+    assert _run("train", "--task", "translation", "--method", "lora", "--model", tiny_models["llama"], "--data-dir",
+                tiny_data, "--output-dir", out, "--max-steps", 9, "--report-to", "none", "--profile-steps", 2) == 0
+    profile = (out / "profile.txt").read_text()
+    assert profile.startswith("2 steps in ") and "ms per step" in profile
+    assert "aten::mm" in profile or "aten::addmm" in profile  # the op table, with the model's matrix products

@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
 # One GPU slot of the study grid, run on the lent machine from the repository root (see docs/gpu.md).
 # Usage: scripts/device/grid_slot.sh SECONDS [peft-nlg grid options...]
-#   SECONDS: the grid starts no run that would end after this; keep it a minute or two under the call's limit.
+#   SECONDS: counted from this script's start (model assembly and profiling included), the grid starts no
+#   run that would end after it; keep it a minute or two under the call's limit.
 # Before it: the GGUF parts in /tmp/parts (earlier calls), .whl and .dev/gguf carried on this call.
 # Records go to $OUT/records.tgz, refreshed every 20 s, so a call cut off at its limit still returns
 # every finished run; unpack it over the checkout's results/ and commit.
+# On a GPU it first profiles 3 training steps of full fine-tuning and of LoRA ($OUT/profile-*.txt;
+# PROFILE=0 skips this).
 set -euo pipefail
 limit=${1:?usage: grid_slot.sh SECONDS [grid options...]}
 shift
+started=$(date +%s)
 source scripts/device/prepare.sh
 if [ ! -f "$PEFT_NLG_CACHE/models/SmolLM2-135M-Instruct/model.safetensors" ]; then
   mkdir -p /tmp/parts && cp .dev/gguf/part-* /tmp/parts/ 2>/dev/null || true
   scripts/device/assemble_model.sh /tmp/parts "$(cat .dev/gguf/SHA256)"
 fi
 python3 -m peft_nlg.cli setup -task all
+if ! grep -q "no GPU" "$out/gpu.txt" && [ "${PROFILE:-1}" = 1 ]; then
+  # where a training step's time goes on this card (issue 4): 3 profiled steps each of full fine-tuning and
+  # LoRA at the grid's batch size, about 10 s each; PROFILE=0 skips this
+  for method in none lora; do
+    python3 -m peft_nlg.cli train --task translation --method "$method" --output-dir "/tmp/profile-$method" \
+      --overwrite --max-steps 9 --batch-tokens 16384 --max-valid-examples 16 --no-save-checkpoints \
+      --report-to none --profile-steps 3 >"$out/profile-$method.log" 2>&1 \
+      && cp "/tmp/profile-$method/profile.txt" "$out/profile-$method.txt" || true
+  done
+fi
 mkdir -p results
-started=$(date +%s)
 snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
 # runs trained in worker processes (study.yaml: parallel) log to <work dir>/train.log; those come back too
 worker_logs() { (cd /tmp && find grid -name train.log 2>/dev/null | tar czf "$out/train-logs.tgz" -T -) || true; }
