@@ -184,13 +184,12 @@ class StepProfiler:
     def __init__(self, dev: torch.device, active: int, path: Path, wait: int = 5):
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        self.dev, self.path, self.active, self.started = dev, path, active, None
+        self.dev, self.path, self.active, self.wait = dev, path, active, wait
+        self.step_number, self.started = 0, None
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         self.profiler = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=active),
                                 on_trace_ready=self._write)
         self.profiler.start()
-        self.step_number = 0
-        self.wait = wait
 
     def step(self) -> None:
         synchronize(self.dev)
