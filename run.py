@@ -4,6 +4,8 @@
     python run.py -task {translation,dialogue,summarization} -mode {train,test,inference}
                   -peft {none,lora,prefix_tuning,p_tuning,prompt_tuning,ia3} -search {greedy,beam}
 
+`-search` also takes `sample` and `auto` (the task's decoding search on validation).
+
 `-peft` is case-insensitive and `vanilla` means `none`. Any other `--flag` of the matching
 `peft-nlg <mode>` subcommand is passed through (e.g. `--max-steps 50`).
 """
@@ -25,7 +27,7 @@ def translate_args(argv: list[str]) -> list[str]:
     parser.add_argument("-mode", required=True, choices=["train", "test", "inference"])
     parser.add_argument("-peft", default="lora", type=lambda name: get_method(name).name,
                         help="none (alias vanilla), lora, prefix_tuning, p_tuning, prompt_tuning, ia3")
-    parser.add_argument("-search", default="greedy", choices=["greedy", "beam"])
+    parser.add_argument("-search", default="greedy", choices=["greedy", "beam", "sample", "auto"])
     known, rest = parser.parse_known_args(argv)
     mapped = [known.mode, "--task", known.task, "--method", known.peft]
     if known.mode != "train":

@@ -21,7 +21,8 @@ _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "l
                "save_checkpoints", "method_options", "max_source_tokens", "max_target_tokens", "precision",
                "model", "seed", "profile_steps"}
 _TEST_ONLY = {"max_test_examples", "test_file"}
-_DECODING = {"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens", "gen_max_batch_size"}
+_DECODING = {"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens", "gen_max_batch_size",
+             "temperature", "top_p"}
 
 
 def _parse_options(text: str) -> dict:
@@ -48,7 +49,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
             parser.add_argument(flag, type=_parse_options, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                choices=f.metadata.get("choices"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,8 +51,13 @@ class RunConfig:
     max_source_tokens: int = 256
     max_target_tokens: int = 128
     # test / inference
-    search: str = field(default="greedy", metadata={"help": "greedy or beam"})
+    search: str = field(default="greedy", metadata={
+        "help": "greedy, beam, sample, or auto (test: the task's decoding search on the validation split picks; "
+                "inference: what test --search auto picked for this run)",
+        "choices": ("greedy", "beam", "sample", "auto")})
     num_beams: int = 4
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (--search sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus size (--search sample; 1: off)"})
     max_new_tokens: int = field(default=0, metadata={"help": "0: the task's default"})
     no_repeat_ngram: int = field(default=0, metadata={
         "help": "never repeat an n-gram of this size within one output (0: off; the dialogue task uses 3)"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from peft_nlg.tasks import get_task
 from peft_nlg.training import RunExistsError, split_path
 
 ZERO_SHOT = "zero_shot"
+AUTO = "auto"
+SEARCH_FILE = "decoding_search.json"  # what --search auto chose for a run; inference --search auto reads it
 
 
 def trained_config(config: RunConfig) -> RunConfig:
@@ -38,18 +42,46 @@ def trained_config(config: RunConfig) -> RunConfig:
         raise FileNotFoundError(f"{saved_path}: no training run here; run `peft-nlg train` first "
                                 "(or pass --output-dir of a trained run)")
     saved = load_config_file(saved_path)
-    for name in ("search", "num_beams", "max_new_tokens", "no_repeat_ngram", "max_test_examples", "test_file",
-                 "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir", "threads"):
+    for name in ("search", "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram",
+                 "max_test_examples", "test_file", "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir",
+                 "threads"):
         setattr(saved, name, getattr(config, name))
     return saved
 
 
 def decoding(config: RunConfig, on_gpu: bool) -> DecodingSettings:
+    if config.search == AUTO:
+        raise ValueError("--search auto is resolved by the decoding search before generating")
     sizes = config.resolved_sizes(on_gpu)
     return DecodingSettings(search=config.search, num_beams=config.num_beams,
                             max_new_tokens=config.max_new_tokens or get_task(config.task).max_new_tokens,
                             batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"],
-                            no_repeat_ngram=config.no_repeat_ngram)
+                            no_repeat_ngram=config.no_repeat_ngram, temperature=config.temperature,
+                            top_p=config.top_p, seed=config.seed)
+
+
+def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:
+    """``--search auto``: generate for the validation split with each of the task's decoding candidates and
+    pick one by the task's rule. The test split plays no part. Returns the whole search, winner included."""
+    task, on_gpu = loaded.task, dev.type == "cuda"
+    if task.decoding_search is None:
+        return {"rule": "greedy: the task declares no decoding search", "shown": [], "candidates": [],
+                "chosen": {"search": "greedy"}, "chosen_name": "greedy"}
+    examples = read_pairs(split_path(config, "valid"))[: config.max_valid_examples or None]
+    references = [e["trg"] for e in examples]
+    tried = []
+    for candidate in task.decoding_search.candidates:
+        settings = decoding(dataclasses.replace(config, **candidate), on_gpu)
+        predictions, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [e["src"] for e in examples],
+                                  settings, dev, dtype, show_progress=False)
+        tried.append({"decoding": candidate, "name": settings.describe(),
+                      "scores": task.metrics(predictions, references)})
+    rule = task.decoding_search
+    best = rule.choose([t["scores"] for t in tried], task.main_metric)
+    return {"rule": rule.describe(task.main_metric), "shown": [task.main_metric, rule.metric, rule.reference_metric],
+            "valid_examples": len(examples),
+            "valid_fingerprint": fingerprint(examples), "candidates": tried,
+            "chosen": tried[best]["decoding"], "chosen_name": tried[best]["name"]}
 
 
 def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object, object]:
@@ -67,8 +99,14 @@ def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object
 def test(config: RunConfig, zero_shot: bool = False) -> dict:
     """Generate for the test split (or --test-file), score it, write predictions and a record."""
     config, loaded, dev, dtype = _load(config, zero_shot)
+    out, decoding_search = config.out, None
+    if config.search == AUTO:
+        if (out / SEARCH_FILE).exists() and not config.overwrite:
+            raise RunExistsError(f"{out / SEARCH_FILE}: exists (an earlier --search auto); pass --overwrite to "
+                                 "search again")
+        decoding_search = search_decoding(config, loaded, dev, dtype)
+        config = dataclasses.replace(config, **decoding_search["chosen"])
     settings = decoding(config, dev.type == "cuda")
-    out = config.out
     name = f"{'test' if not config.test_file else Path(config.test_file).stem}-{settings.search}"
     record_path, predictions_path = out / f"record-{name}.json", out / f"predictions-{name}.jsonl"
     if record_path.exists() and not config.overwrite:
@@ -90,7 +128,8 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         "kind": "test", "finished_at": now_iso(), "task": config.task,
         "method": ZERO_SHOT if zero_shot else config.method, "model": config.model,
         "family": loaded.family.name, "scores": scores, "main_metric": loaded.task.main_metric,
-        "decoding": settings.__dict__, "test_file": str(test_path), "test_examples": len(examples),
+        "decoding": settings.__dict__, "decoding_search": decoding_search,
+        "test_file": str(test_path), "test_examples": len(examples),
         "test_fingerprint": fingerprint(examples),
         "trainable_params": 0 if zero_shot else train_record.get("trainable_params", trainable),
         "total_params": train_record.get("total_params", total),
@@ -106,6 +145,8 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         "samples": [{"src": e["src"], "ref": e["trg"], "pred": p}
                     for e, p in zip(examples[:3], predictions[:3], strict=True)],
     }
+    if decoding_search:
+        write_json(out / SEARCH_FILE, decoding_search)
     write_jsonl(predictions_path, ({"src": e["src"], "trg": e["trg"], "prediction": p}
                                    for e, p in zip(examples, predictions, strict=True)))
     write_json(record_path, record)
@@ -115,6 +156,11 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
 def inference(config: RunConfig, stdin=sys.stdin, stdout=sys.stdout) -> None:
     """Interactive prompt on the trained model; with piped input, one output line per input line."""
     config, loaded, dev, dtype = _load(config, zero_shot=False)
+    if config.search == AUTO:
+        chosen = config.out / SEARCH_FILE
+        if not chosen.is_file():
+            raise FileNotFoundError(f"{chosen}: no decoding search for this run yet; run `peft-nlg test --search auto`")
+        config = dataclasses.replace(config, **json.loads(chosen.read_text(encoding="utf-8"))["chosen"])
     settings = decoding(config, dev.type == "cuda")
     interactive = stdin.isatty()
     if interactive:

@@ -1,4 +1,4 @@
-"""Batched generation: prompts sorted by length, padded on the family's side, greedy or beam search."""
+"""Batched generation: prompts sorted by length, padded on the family's side; greedy, beam search or sampling."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ class DecodingSettings:
     batch_tokens: int = 16384
     max_batch_size: int = 64
     no_repeat_ngram: int = 0
+    temperature: float = 1.0  # sampling only
+    top_p: float = 1.0        # sampling only: nucleus size
+    seed: int = 0             # sampling only: the same seed gives the same outputs on the same machine
 
     def generate_kwargs(self) -> dict:
         lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens or None}
@@ -30,7 +33,15 @@ class DecodingSettings:
             return {"do_sample": False, "num_beams": 1, **lengths}
         if self.search == "beam":
             return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True, **lengths}
-        raise ValueError(f"search must be greedy or beam, not '{self.search}'")
+        if self.search == "sample":
+            return {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_p": self.top_p,
+                    "top_k": 0, **lengths}
+        raise ValueError(f"search must be greedy, beam or sample, not '{self.search}'")
+
+    def describe(self) -> str:
+        """A short name for tables: 'greedy', 'beam 4', 'sample T0.7 p0.9'."""
+        return {"beam": f"beam {self.num_beams}",
+                "sample": f"sample T{self.temperature:g} p{self.top_p:g}"}.get(self.search, self.search)
 
 
 class NoRepeatInOutput(LogitsProcessor):
@@ -69,6 +80,8 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     outputs: list[str] = [""] * len(sources)
     new_tokens = 0
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if settings.search == "sample":
+        torch.manual_seed(settings.seed)
     synchronize(dev)
     started = time.perf_counter()
     for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):

@@ -6,7 +6,9 @@ weights stay in ``--work-dir`` (not committed).
 
 Fairness: each method gets the same number of learning rates to try (its default x ``--lr-factors``), the
 same training budget in real tokens, and the same data; the test split is scored only for the learning
-rate that was best on validation, and the ladder reuses that learning rate.
+rate that was best on validation, and the ladder reuses that learning rate. Decoding is chosen the same way
+(``--search auto``, the default: the task's decoding search on validation, greedy where a task declares none)
+for the table's runs, zero-shot included; the ladder reuses each method's choice.
 
 Speed: a small model leaves a GPU mostly waiting on the host, so up to ``parallel`` runs of one group (the
 learning rates of one method's search, a few ladder rungs) train at once in worker processes that share the
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from peft_nlg.config import build_config, check_keys, load_config_file, yaml_defaults
 from peft_nlg.data.io import write_json
-from peft_nlg.evaluation import test
+from peft_nlg.evaluation import AUTO, test
 from peft_nlg.runtime import release_device_memory
 from peft_nlg.training import train
 
@@ -54,7 +56,7 @@ class GridSpec:
         budget = self.token_budget.get(task, 0) if isinstance(self.token_budget, dict) else self.token_budget
         # with a budget in tokens the number of epochs stops mattering: the budget ends training
         budget_fields = {"train_token_budget": budget, "epochs": 1000.0} if budget else {}
-        return {**budget_fields, **self.overrides, "task": task}
+        return {"search": AUTO, **budget_fields, **self.overrides, "task": task}
 
     def learning_rates(self, task: str, method: str) -> list[float]:
         default_lr = build_config({**self.base_overrides(task), "method": method}).learning_rate
@@ -102,12 +104,17 @@ def _run_name(lr: float, examples: int) -> str:
 
 
 # where the grid keeps what it has done; run_grid writes these and plan reads them
-def _test_record(records: Path, task: str, method: str, run: str = "") -> Path:
-    return records / task / method / run / "record-test-greedy.json"
+def _run_records(records: Path, task: str, method: str, run: str = "") -> Path:
+    return records / task / method / run
+
+
+def _test_record(run_records: Path) -> Path | None:
+    """The run's test record, named after the decoding it used (``record-test-<search>.json``), if any."""
+    return next(iter(sorted(run_records.glob("record-test-*.json"))), None)
 
 
 def _train_record(records: Path, task: str, method: str, run: str) -> Path:
-    return records / task / method / run / "record-train.json"
+    return _run_records(records, task, method, run) / "record-train.json"
 
 
 def _search_record(records: Path, task: str, method: str) -> Path:
@@ -116,8 +123,8 @@ def _search_record(records: Path, task: str, method: str) -> Path:
 
 # settings that change nothing a training run computes
 _NOT_TRAINING = {"output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "search",
-                 "num_beams", "max_new_tokens", "no_repeat_ngram", "max_test_examples", "test_file",
-                 "gen_batch_tokens", "gen_max_batch_size"}
+                 "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram", "max_test_examples",
+                 "test_file", "gen_batch_tokens", "gen_max_batch_size"}
 
 
 def _same_settings(work: Path, overrides: dict) -> bool:
@@ -208,22 +215,29 @@ class _Workers:
             self._pool = None
 
 
-def _test_once(overrides: dict, work: Path, record_dst: Path, extra: dict, zero_shot: bool = False) -> dict:
+def _test_once(overrides: dict, work: Path, run_records: Path, extra: dict, zero_shot: bool = False) -> dict:
     config = build_config({**overrides, "output_dir": str(work), "overwrite": True})
     record = test(config, zero_shot=zero_shot)
     record.update(extra)
-    write_json(record_dst, record)
+    write_json(run_records / f"record-test-{record['decoding']['search']}.json", record)
     return record
+
+
+def _decoding_of(record: dict) -> dict:
+    """The decoding settings a test record used, as run overrides (the ladder reuses the selected run's)."""
+    used = record["decoding"]
+    return {"search": used["search"], "num_beams": used["num_beams"], "no_repeat_ngram": used["no_repeat_ngram"],
+            "temperature": used.get("temperature", 1.0), "top_p": used.get("top_p", 1.0)}
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _train_and_test(overrides: dict, work: Path, record_dst: Path, grid_fields: dict, shared_by: int = 1) -> dict:
-    _train_once(overrides, work, record_dst.with_name("record-train.json"), True, shared_by)
+def _train_and_test(overrides: dict, work: Path, run_records: Path, grid_fields: dict, shared_by: int = 1) -> dict:
+    _train_once(overrides, work, run_records / "record-train.json", True, shared_by)
     shared = {"concurrent_runs": shared_by} if shared_by > 1 else {}  # generation speed, too, was measured shared
-    return _test_once(overrides, work, record_dst, {"grid": {**grid_fields, **shared}})
+    return _test_once(overrides, work, run_records, {"grid": {**grid_fields, **shared}})
 
 
 def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[dict]:
@@ -231,23 +245,29 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
     phase 2 runs the data-size ladder. Returns the test records, reused ones included."""
     clock, done, workers = _Clock(spec.time_limit_s), [], _Workers(spec.parallel)
 
-    def tested(task: str, dst: Path, work, *args, **kwargs):
-        record = _read(dst) or clock.run(task, work, *args, **kwargs)
+    def tested(task: str, run_records: Path, work, *args, **kwargs):
+        existing = _test_record(run_records)
+        record = _read(existing) if existing else clock.run(task, work, *args, **kwargs)
         release_device_memory()  # workers training next need the memory this process's test held
         done.append(record)
-        log(f"{task}/{record['method']} {dst.parent.name}: {record['scores']}")
+        searched = record.get("decoding_search") or {}
+        if searched.get("candidates"):
+            log(f"{task}/{record['method']} decoding on validation: " + "; ".join(
+                f"{c['name']}: " + ", ".join(f"{k} {c['scores'][k]}" for k in searched["shown"])
+                for c in searched["candidates"]) + f" -> {searched['chosen_name']}")
+        log(f"{task}/{record['method']} {run_records.name}: {record['scores']}")
 
     try:
         for task in spec.tasks:
             base = spec.base_overrides(task)
             if spec.zero_shot:
-                dst = _test_record(records, task, "zero_shot")
+                dst = _run_records(records, task, "zero_shot")
                 tested(task, dst, _test_once, {**base, "method": "none"}, work_dir / task / "zero_shot", dst,
                        {"grid": {"selected": True}}, zero_shot=True)
             for method in spec.methods:
                 best_lr = _search(spec, task, method, records, work_dir, clock, workers, log)
                 run = _run_name(best_lr, 0)
-                dst = _test_record(records, task, method, run)
+                dst = _run_records(records, task, method, run)
                 tested(task, dst, _train_and_test, {**base, "method": method, "learning_rate": best_lr},
                        work_dir / task / method / run, dst,
                        {"selected": True, "learning_rate": best_lr, "train_examples": None})
@@ -255,14 +275,15 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
             rungs = []
             for method in spec.methods if spec.ladder else []:
                 best_lr = json.loads(_search_record(records, task, method).read_text())["selected_lr"]
+                selected = _read(_test_record(_run_records(records, task, method, _run_name(best_lr, 0))))
                 for examples in spec.ladder:
                     run = _run_name(best_lr, examples)
                     overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
-                                 "train_examples": examples}
-                    rungs.append((overrides, work_dir / task / method / run, _test_record(records, task, method, run),
+                                 "train_examples": examples, **_decoding_of(selected)}
+                    rungs.append((overrides, work_dir / task / method / run, _run_records(records, task, method, run),
                                   {"selected": False, "learning_rate": best_lr, "train_examples": examples}))
             for start in range(0, len(rungs), workers.parallel):
-                group = [rung for rung in rungs[start:start + workers.parallel] if not rung[2].is_file()]
+                group = [rung for rung in rungs[start:start + workers.parallel] if _test_record(rung[2]) is None]
                 if len(group) > 1:  # trained and tested together (a rung's test takes about as long as its training)
                     clock.run(task, workers.map, _train_and_test, group)
                 for rung in rungs[start:start + workers.parallel]:
@@ -308,8 +329,7 @@ def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
     rows = []
     for task in spec.tasks:
         if spec.zero_shot:
-            dst = _test_record(records, task, "zero_shot")
-            rows.append((f"{task}/zero_shot test", dst.is_file()))
+            rows.append((f"{task}/zero_shot test", _test_record(_run_records(records, task, "zero_shot")) is not None))
         for method in spec.methods:
             lrs = spec.learning_rates(task, method)
             rows += [(f"{task}/{method} {_run_name(lr, 0)} train",
@@ -317,14 +337,14 @@ def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
             search = _read(_search_record(records, task, method))
             selected = _run_name(search["selected_lr"], 0) if search else "selected lr"
             rows.append((f"{task}/{method} {selected} test", bool(search) and _test_record(
-                records, task, method, selected).is_file()))
+                _run_records(records, task, method, selected)) is not None))
     for task in spec.tasks:
         for method in spec.methods:
             search = _read(_search_record(records, task, method))
             for examples in spec.ladder:
                 name = _run_name(search["selected_lr"], examples) if search else f"n{examples}"
                 rows.append((f"{task}/{method} {name} train+test", bool(search) and _test_record(
-                    records, task, method, name).is_file()))
+                    _run_records(records, task, method, name)) is not None))
     return rows
 
 

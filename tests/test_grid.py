@@ -8,6 +8,7 @@ import pytest
 from peft_nlg import cli
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
 from peft_nlg.report import END, START, load_records, main_table, report
+from peft_nlg.tasks import TASKS
 
 
 def _spec(tiny_models, tiny_data):
@@ -85,13 +86,28 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     assert report(tmp_path / "rec1", check=True, readme=readme) == 1
 
 
-def test_grid_command_line(tiny_models, tiny_data, tmp_path):
+def test_grid_command_line_and_decoding_search(tiny_models, tiny_data, tmp_path):
     assert cli.main(["grid", "--tasks", "dialogue", "--methods", "prompt_tuning", "--lr-factors", "1",
-                     "--ladder", "", "--token-budget", "200", "--no-zero-shot", "--records", str(tmp_path / "rec"),
+                     "--ladder", "2", "--token-budget", "200", "--no-zero-shot", "--records", str(tmp_path / "rec"),
                      "--work-dir", str(tmp_path / "work"), "--set",
                      f"model={tiny_models['t5']},data_dir={tiny_data},report_to=none,max_new_tokens=3"]) == 0
     records = load_records(tmp_path / "rec")
-    assert [(r["task"], r["method"]) for r in records] == [("dialogue", "prompt_tuning")]
+    assert [(r["task"], r["method"], r["grid"]["train_examples"]) for r in records] == [
+        ("dialogue", "prompt_tuning", 2), ("dialogue", "prompt_tuning", None)]
+    rung, selected = records
+    # the table's run chose its decoding on validation (the dialogue task declares a search) ...
+    searched = selected["decoding_search"]
+    assert len(searched["candidates"]) == len(TASKS["dialogue"].decoding_search.candidates)
+    assert selected["_path"].endswith(f"record-test-{searched['chosen']['search']}.json")
+    # ... and the data-size ladder reused that choice instead of searching again
+    assert rung["decoding_search"] is None
+    assert {k: rung["decoding"][k] for k in ("search", "temperature", "top_p", "no_repeat_ngram")} == {
+        k: selected["decoding"][k] for k in ("search", "temperature", "top_p", "no_repeat_ngram")}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    assert report(tmp_path / "rec", readme=readme) == 0
+    results_md = (tmp_path / "rec" / "RESULTS.md").read_text()
+    assert "## Decoding search" in results_md and f"**{searched['chosen_name']}: rougeL " in results_md
 
 
 def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tmp_path):
@@ -111,7 +127,7 @@ def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tm
 
     # a new machine: the learning-rate search is read from its records, the selected model is trained again
     search_records = {p: p.stat().st_mtime_ns for p in records.rglob("record-train.json")}
-    selected = next(records.joinpath("translation", "lora").glob("lr*-nall/record-test-greedy.json"))
+    selected = next(records.joinpath("translation", "lora").glob("lr*-nall/record-test-*.json"))
     original = json.loads(selected.read_text())
     selected.unlink()
     again = run_grid(spec, records, tmp_path / "work-c", log=quiet)

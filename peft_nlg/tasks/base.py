@@ -36,6 +36,35 @@ class HubSource:
 
 
 @dataclass(frozen=True)
+class DecodingSearch:
+    """Decoding settings to try on the validation split (``--search auto``, the study grid).
+
+    The winner has the best main metric among the candidates whose ``metric`` is at least ``min_ratio``
+    times ``reference_metric`` (both from the task's scores); when none is, the one closest to that. Each
+    candidate is a set of RunConfig decoding fields on top of the run's own.
+    """
+
+    candidates: tuple[dict, ...]
+    metric: str
+    reference_metric: str
+    min_ratio: float
+
+    def ratio(self, scores: dict) -> float:
+        return scores[self.metric] / max(scores[self.reference_metric], 1e-9)
+
+    def choose(self, scored: Sequence[dict], main_metric: str) -> int:
+        """Index of the winning candidate, given each candidate's validation scores."""
+        passing = [i for i, scores in enumerate(scored) if self.ratio(scores) >= self.min_ratio]
+        if passing:
+            return max(passing, key=lambda i: (scored[i][main_metric], -i))
+        return max(range(len(scored)), key=lambda i: (self.ratio(scored[i]), -i))
+
+    def describe(self, main_metric: str) -> str:
+        return (f"the best {main_metric} on validation among settings with {self.metric} >= {self.min_ratio:g} x "
+                f"{self.reference_metric} (if none, the highest {self.metric} / {self.reference_metric})")
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     instruction: str                   # chat instruction for decoder-only models
@@ -50,3 +79,4 @@ class Task:
     second_metric: str                 # shown beside it
     original_model: str                # the original study's model for this task (--preset original)
     max_new_tokens: int = 64
+    decoding_search: DecodingSearch | None = None  # None: --search auto means greedy
