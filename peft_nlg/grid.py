@@ -12,7 +12,8 @@ for the table's runs, zero-shot included; the ladder reuses each method's choice
 
 Speed: a small model leaves a GPU mostly waiting on the host, so up to ``parallel`` runs of one group (the
 learning rates of one method's search, a few ladder rungs) train at once in worker processes that share the
-device. Records say how many shared it, so training times are read in context.
+device, and while a search trains, this process tests the model finished before it. Records say how many
+processes shared the device, so training times and generation speeds are read in context.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from peft_nlg.config import build_config, check_keys, load_config_file, yaml_defaults
@@ -73,15 +75,21 @@ class _Clock:
     def __init__(self, limit_s: float):
         self.limit_s, self.started, self.longest = limit_s, time.monotonic(), {}
 
-    def run(self, task: str, work, *args, **kwargs):
+    def check(self, task: str) -> None:
         elapsed = time.monotonic() - self.started
         expected = self.longest.get(task, max(self.longest.values(), default=0.0))
         # the first unit always runs, so every invocation makes progress
         if self.limit_s and self.longest and elapsed + 1.2 * expected > self.limit_s:
             raise OutOfTime(f"{elapsed:.0f} s spent, the next {task} run takes about {expected:.0f} s")
+
+    def took(self, task: str, seconds: float) -> None:
+        self.longest[task] = max(self.longest.get(task, 0.0), seconds)
+
+    def run(self, task: str, work, *args, **kwargs):
+        self.check(task)
         begun = time.monotonic()
         result = work(*args, **kwargs)
-        self.longest[task] = max(self.longest.get(task, 0.0), time.monotonic() - begun)
+        self.took(task, time.monotonic() - begun)
         return result
 
 
@@ -175,8 +183,8 @@ def _in_worker(function, overrides: dict, work: Path, *args):
 
 
 class _Workers:
-    """Runs a group of jobs ``function(overrides, work_dir, ..., shared_by)`` one after another, or up to
-    ``parallel`` at once in worker processes (``shared_by`` tells each how many ran beside it)."""
+    """Runs jobs ``function(overrides, work_dir, ..., shared_by)`` one after another, or up to ``parallel`` at
+    once in worker processes (``shared_by`` tells each how many ran beside it)."""
 
     def __init__(self, parallel: int):
         self.parallel, self._pool = max(1, parallel), None
@@ -184,15 +192,28 @@ class _Workers:
         self.threads = max(1, (os.cpu_count() or 1) // self.parallel)
 
     def map(self, function, jobs: list[tuple]) -> list:
-        if self.parallel == 1 or len(jobs) == 1:
-            return [function(*job) for job in jobs]
+        return self.submit(function, jobs)()
+
+    def in_parallel(self, jobs: list[tuple]) -> bool:
+        return self.parallel > 1 and len(jobs) > 1
+
+    def submit(self, function, jobs: list[tuple]):
+        """Starts the first ``parallel`` jobs in the workers and returns a call that waits for them (and runs
+        the rest); meanwhile this process is free. Run one by one, the jobs wait for that call."""
+        if not self.in_parallel(jobs):
+            return lambda: [function(*job) for job in jobs]
+        first, rest = jobs[:self.parallel], jobs[self.parallel:]
+        collect = self._start(function, first)
+        return lambda: collect() + self.map(function, rest)
+
+    def _start(self, function, group: list[tuple]):
         if self._pool is None:  # spawned, not forked: CUDA cannot be shared with a forked child
             self._pool = ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn"))
-        results, failures = [], []
-        for start in range(0, len(jobs), self.parallel):
-            group = jobs[start:start + self.parallel]
-            futures = [self._pool.submit(_in_worker, function, {"threads": self.threads, **overrides}, work, *rest,
-                                         len(group)) for overrides, work, *rest in group]
+        futures = [self._pool.submit(_in_worker, function, {"threads": self.threads, **overrides}, work, *rest,
+                                     len(group)) for overrides, work, *rest in group]
+
+        def collect() -> list:
+            results, failures = [], []
             for job, future in zip(group, futures, strict=True):
                 try:  # the group's other runs finish and keep their records whatever happens to this one
                     results.append(future.result())
@@ -205,9 +226,10 @@ class _Workers:
                         results.append(function(*job))
                     except Exception as error:
                         failures.append(f"{work}: {type(error).__name__}: {error} (log: {work / 'train.log'})")
-        if failures:
-            raise RuntimeError("training failed: " + "; ".join(failures))
-        return results
+            if failures:
+                raise RuntimeError("training failed: " + "; ".join(failures))
+            return results
+        return collect
 
     def close(self) -> None:
         if self._pool is not None:
@@ -215,10 +237,13 @@ class _Workers:
             self._pool = None
 
 
-def _test_once(overrides: dict, work: Path, run_records: Path, extra: dict, zero_shot: bool = False) -> dict:
+def _test_once(overrides: dict, work: Path, run_records: Path, extra: dict, zero_shot: bool = False,
+               shared_by: int = 1) -> dict:
     config = build_config({**overrides, "output_dir": str(work), "overwrite": True})
     record = test(config, zero_shot=zero_shot)
     record.update(extra)
+    if shared_by > 1:  # its generation speed was measured while training runs used the device
+        record["grid"] = {**record.get("grid", {}), "concurrent_runs": shared_by}
     write_json(run_records / f"record-test-{record['decoding']['search']}.json", record)
     return record
 
@@ -236,8 +261,7 @@ def _read(path: Path) -> dict | None:
 
 def _train_and_test(overrides: dict, work: Path, run_records: Path, grid_fields: dict, shared_by: int = 1) -> dict:
     _train_once(overrides, work, run_records / "record-train.json", True, shared_by)
-    shared = {"concurrent_runs": shared_by} if shared_by > 1 else {}  # generation speed, too, was measured shared
-    return _test_once(overrides, work, run_records, {"grid": {**grid_fields, **shared}})
+    return _test_once(overrides, work, run_records, {"grid": grid_fields}, shared_by=shared_by)
 
 
 def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[dict]:
@@ -260,17 +284,21 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
     try:
         for task in spec.tasks:
             base = spec.base_overrides(task)
+            # a test whose model is ready runs in this process while the workers train the next search
+            ready = []
             if spec.zero_shot:
                 dst = _run_records(records, task, "zero_shot")
-                tested(task, dst, _test_once, {**base, "method": "none"}, work_dir / task / "zero_shot", dst,
-                       {"grid": {"selected": True}}, zero_shot=True)
+                ready.append(partial(tested, task, dst, _test_once, {**base, "method": "none"},
+                                     work_dir / task / "zero_shot", dst, {"grid": {"selected": True}}, zero_shot=True))
             for method in spec.methods:
-                best_lr = _search(spec, task, method, records, work_dir, clock, workers, log)
+                best_lr = _search(spec, task, method, records, work_dir, clock, workers, log, meanwhile=ready)
                 run = _run_name(best_lr, 0)
                 dst = _run_records(records, task, method, run)
-                tested(task, dst, _train_and_test, {**base, "method": method, "learning_rate": best_lr},
-                       work_dir / task / method / run, dst,
-                       {"selected": True, "learning_rate": best_lr, "train_examples": None})
+                overrides = {**base, "method": method, "learning_rate": best_lr}
+                ready = [partial(tested, task, dst, _train_and_test, overrides, work_dir / task / method / run, dst,
+                                 {"selected": True, "learning_rate": best_lr, "train_examples": None})]
+            for test_now in ready:
+                test_now()
         for task in spec.tasks:
             rungs = []
             for method in spec.methods if spec.ladder else []:
@@ -296,20 +324,33 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
 
 
 def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock,
-            workers: _Workers, log) -> float:
-    """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used)."""
+            workers: _Workers, log, meanwhile=()) -> float:
+    """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used).
+    ``meanwhile``: work for this process while the workers train, told how many processes share the device
+    (run before the search when runs go one by one)."""
     jobs = {}
     for lr in spec.learning_rates(task, method):
         run = _run_name(lr, 0)
         overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
     untrained = [(*job, False) for job in jobs.values() if not job[2].is_file()]  # no model needed yet
+    if not (untrained and workers.in_parallel(untrained)):  # nothing to wait for: this process's work first
+        for work in meanwhile:
+            work()
+        meanwhile = ()
     if untrained:
+        clock.check(task)
         started = time.monotonic()
-        trained = clock.run(task, workers.map, _train_once, untrained)
+        collect = workers.submit(_train_once, untrained)
+        for work in meanwhile:
+            work(shared_by=min(workers.parallel, len(untrained)) + 1)
+        trained = collect()
+        seconds = time.monotonic() - started
+        clock.took(task, seconds)
         # what sharing the device buys shows here: the search's real tokens over its wall time, loading included
-        tokens, seconds = sum(r["train_tokens"] for r in trained), time.monotonic() - started
-        log(f"{task}/{method}: {len(trained)} runs, up to {workers.parallel} at once: {tokens:,} tokens in "
+        tokens = sum(r["train_tokens"] for r in trained)
+        beside = " beside a test in the main process" if meanwhile else ""
+        log(f"{task}/{method}: {len(trained)} runs, up to {workers.parallel} at once{beside}: {tokens:,} tokens in "
             f"{seconds:.0f} s, {tokens / seconds:,.0f} tokens/s together")
     search = {}
     for lr, (_, _, dst) in jobs.items():
