@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -218,6 +219,8 @@ class _Workers:
                 try:  # the group's other runs finish and keep their records whatever happens to this one
                     results.append(future.result())
                 except Exception as shared_error:
+                    if isinstance(shared_error, BrokenProcessPool):  # a worker was killed (host memory, say):
+                        self.close(wait=False)                       # the next group gets fresh workers
                     # sharing the device may be the cause (memory): once more, alone, in this process
                     work = job[1]
                     print(f"{work}: failed beside other runs ({type(shared_error).__name__}: {shared_error}); "
@@ -231,9 +234,9 @@ class _Workers:
             return results
         return collect
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(wait=wait)
             self._pool = None
 
 

@@ -188,3 +188,29 @@ def test_a_run_that_fails_beside_others_is_retried_alone(tmp_path):
         workers.close()
     assert results == [{"value": 0, "shared_by": 1}, {"value": 1, "shared_by": 1}]
     assert "MemoryError: out of memory beside the other runs" in (tmp_path / "run0" / "train.log").read_text()
+
+
+def dies_in_a_worker(overrides, work, value, shared_by=1):
+    """A job whose worker process is killed outright (as the kernel's OOM killer does when host memory runs out)."""
+    import multiprocessing
+    import os
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(137)
+    return {"value": value, "shared_by": shared_by}
+
+
+def test_a_killed_worker_does_not_break_later_groups(tmp_path):
+    """A killed worker breaks its process pool: its group is retried alone, and the next group gets new workers."""
+    from peft_nlg.grid import _Workers
+
+    workers = _Workers(2)
+    try:
+        first = workers.map(dies_in_a_worker, [({}, tmp_path / f"run{i}", i) for i in range(2)])
+        second = workers.map(fails_in_a_worker, [({}, tmp_path / f"again{i}", i) for i in range(2, 4)])
+    finally:
+        workers.close()
+    assert first == [{"value": 0, "shared_by": 1}, {"value": 1, "shared_by": 1}]
+    # the second group did reach (new) workers: they raised there, and the jobs were retried alone
+    assert second == [{"value": 2, "shared_by": 1}, {"value": 3, "shared_by": 1}]
+    assert "MemoryError" in (tmp_path / "again2" / "train.log").read_text()
