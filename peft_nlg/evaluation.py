@@ -68,12 +68,12 @@ def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:
         return {"rule": "greedy: the task declares no decoding search", "shown": [], "candidates": [],
                 "chosen": {"search": "greedy"}, "chosen_name": "greedy"}
     examples = read_pairs(split_path(config, "valid"))[: config.max_valid_examples or None]
-    references = [e["trg"] for e in examples]
+    sources, references = [e["src"] for e in examples], [e["trg"] for e in examples]
     tried = []
     for candidate in task.decoding_search.candidates:
         settings = decoding(dataclasses.replace(config, **candidate), on_gpu)
-        predictions, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [e["src"] for e in examples],
-                                  settings, dev, dtype, show_progress=False)
+        predictions, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, sources, settings, dev, dtype,
+                                  show_progress=False)
         tried.append({"decoding": candidate, "name": settings.describe(),
                       "scores": task.metrics(predictions, references)})
     rule = task.decoding_search

@@ -251,13 +251,6 @@ def _test_once(overrides: dict, work: Path, run_records: Path, extra: dict, zero
     return record
 
 
-def _decoding_of(record: dict) -> dict:
-    """The decoding settings a test record used, as run overrides (the ladder reuses the selected run's)."""
-    used = record["decoding"]
-    return {"search": used["search"], "num_beams": used["num_beams"], "no_repeat_ngram": used["no_repeat_ngram"],
-            "temperature": used.get("temperature", 1.0), "top_p": used.get("top_p", 1.0)}
-
-
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -307,10 +300,12 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
             for method in spec.methods if spec.ladder else []:
                 best_lr = json.loads(_search_record(records, task, method).read_text())["selected_lr"]
                 selected = _read(_test_record(_run_records(records, task, method, _run_name(best_lr, 0))))
+                # the decoding the selected run's search chose (none: the grid's own settings stand)
+                chosen_decoding = (selected.get("decoding_search") or {}).get("chosen", {})
                 for examples in spec.ladder:
                     run = _run_name(best_lr, examples)
                     overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
-                                 "train_examples": examples, **_decoding_of(selected)}
+                                 "train_examples": examples, **chosen_decoding}
                     rungs.append((overrides, work_dir / task / method / run, _run_records(records, task, method, run),
                                   {"selected": False, "learning_rate": best_lr, "train_examples": examples}))
             for start in range(0, len(rungs), workers.parallel):
