@@ -78,7 +78,7 @@ def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:
                       "scores": task.metrics(predictions, references)})
     rule = task.decoding_search
     best = rule.choose([t["scores"] for t in tried], task.main_metric)
-    return {"rule": rule.describe(task.main_metric), "shown": [task.main_metric, rule.metric, rule.reference_metric],
+    return {"rule": rule.describe(task.main_metric), "shown": rule.shown(task.main_metric, task.second_metric),
             "valid_examples": len(examples),
             "valid_fingerprint": fingerprint(examples), "candidates": tried,
             "chosen": tried[best]["decoding"], "chosen_name": tried[best]["name"]}

@@ -37,6 +37,15 @@ def test_rule_when_none_passes_takes_the_closest_to_the_bar():
     assert RULE.choose(scored, "rougeL") == 1
 
 
+def test_rule_without_a_bar_takes_the_best_main_metric():
+    rule = DecodingSearch(candidates=({}, {}, {}))
+    scored = [{"bleu": 3.0, "chrf": 20.0}, {"bleu": 3.5, "chrf": 19.0}, {"bleu": 3.5, "chrf": 21.0}]
+    assert rule.choose(scored, "bleu") == 1  # the main metric decides; a tie goes to the earlier setting
+    assert rule.describe("bleu") == "the best bleu on validation"
+    assert rule.shown("bleu", "chrf") == ["bleu", "chrf"]
+    assert RULE.shown("rougeL", "d2") == ["rougeL", "d2", "ref_d2"]
+
+
 def test_dialogue_search_tries_greedy_first_and_uses_the_study_bar():
     search = TASKS["dialogue"].decoding_search
     assert search.candidates[0] == {"search": "greedy"}
@@ -49,7 +58,9 @@ def test_dialogue_search_tries_greedy_first_and_uses_the_study_bar():
     bar = next(t for t in targets if t["check"] == "near_reference" and t["task"] == "dialogue")
     assert (bar["metric"], bar["reference"]) == (search.metric, search.reference_metric)
     assert search.min_ratio == pytest.approx(1 - bar["max_gap"])
-    assert TASKS["translation"].decoding_search is None
+    for name in ("translation", "summarization"):  # the better of greedy and beam search, no bar
+        search = TASKS[name].decoding_search
+        assert [c["search"] for c in search.candidates] == ["greedy", "beam"] and search.metric is None
 
 
 def test_sampling_is_seeded(tiny_models, tiny_data):
@@ -106,7 +117,23 @@ def test_search_auto_chooses_on_validation_and_inference_reuses_it(tiny_models, 
     assert len(stdout.getvalue().splitlines()) == 1
 
 
-def test_search_auto_is_greedy_where_the_task_declares_no_search(tiny_models, tiny_data, tmp_path):
+def test_search_auto_picks_greedy_or_beam_for_translation(tiny_models, tiny_data, tmp_path):
+    out = tmp_path / "zs"
+    assert cli.main(["test", "--zero-shot", "--task", "translation", "--model", str(tiny_models["t5"]),
+                     "--data-dir", str(tiny_data), "--output-dir", str(out), "--search", "auto",
+                     "--max-new-tokens", "4"]) == 0
+    searched = json.loads((out / SEARCH_FILE).read_text())
+    assert [c["name"] for c in searched["candidates"]] == ["greedy", "beam 4"]
+    assert searched["shown"] == ["bleu", "chrf"] and searched["rule"] == "the best bleu on validation"
+    scores = [c["scores"]["bleu"] for c in searched["candidates"]]
+    assert searched["chosen_name"] == ("beam 4" if scores[1] > scores[0] else "greedy")
+    record = json.loads((out / f"record-test-{searched['chosen']['search']}.json").read_text())
+    assert record["decoding"]["search"] == searched["chosen"]["search"]
+
+
+def test_search_auto_is_greedy_where_the_task_declares_no_search(tiny_models, tiny_data, tmp_path, monkeypatch):
+    import dataclasses
+    monkeypatch.setitem(TASKS, "translation", dataclasses.replace(TASKS["translation"], decoding_search=None))
     out = tmp_path / "zs"
     assert cli.main(["test", "--zero-shot", "--task", "translation", "--model", str(tiny_models["t5"]),
                      "--data-dir", str(tiny_data), "--output-dir", str(out), "--search", "auto",

@@ -39,29 +39,36 @@ class HubSource:
 class DecodingSearch:
     """Decoding settings to try on the validation split (``--search auto``, the study grid).
 
-    The winner has the best main metric among the candidates whose ``metric`` is at least ``min_ratio``
-    times ``reference_metric`` (both from the task's scores); when none is, the one closest to that. Each
-    candidate is a set of RunConfig decoding fields on top of the run's own.
+    The winner has the best main metric among the candidates that clear the bar, if the task sets one: its
+    ``metric`` at least ``min_ratio`` times ``reference_metric`` (both from the task's scores); when none
+    does, the one closest to the bar. Ties go to the earlier candidate. Each candidate is a set of RunConfig
+    decoding fields on top of the run's own.
     """
 
     candidates: tuple[dict, ...]
-    metric: str
-    reference_metric: str
-    min_ratio: float
+    metric: str | None = None
+    reference_metric: str | None = None
+    min_ratio: float = 0.0
 
     def ratio(self, scores: dict) -> float:
         return scores[self.metric] / max(scores[self.reference_metric], 1e-9)
 
     def choose(self, scored: Sequence[dict], main_metric: str) -> int:
         """Index of the winning candidate, given each candidate's validation scores."""
-        passing = [i for i, scores in enumerate(scored) if self.ratio(scores) >= self.min_ratio]
+        passing = [i for i, scores in enumerate(scored) if self.metric is None or self.ratio(scores) >= self.min_ratio]
         if passing:
             return max(passing, key=lambda i: (scored[i][main_metric], -i))
         return max(range(len(scored)), key=lambda i: (self.ratio(scored[i]), -i))
 
     def describe(self, main_metric: str) -> str:
+        if self.metric is None:
+            return f"the best {main_metric} on validation"
         return (f"the best {main_metric} on validation among settings with {self.metric} >= {self.min_ratio:g} x "
                 f"{self.reference_metric} (if none, the highest {self.metric} / {self.reference_metric})")
+
+    def shown(self, main_metric: str, second_metric: str) -> list[str]:
+        """The scores a report shows for each candidate."""
+        return list(dict.fromkeys(m for m in (main_metric, second_metric, self.metric, self.reference_metric) if m))
 
 
 @dataclass(frozen=True)
