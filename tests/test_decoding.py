@@ -1,6 +1,7 @@
 """Decoding: seeded sampling, and `--search auto`, which picks a task's decoding on the validation split by the
 task's declared rule and never looks at the test split."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -132,7 +133,6 @@ def test_search_auto_picks_greedy_or_beam_for_translation(tiny_models, tiny_data
 
 
 def test_search_auto_is_greedy_where_the_task_declares_no_search(tiny_models, tiny_data, tmp_path, monkeypatch):
-    import dataclasses
     monkeypatch.setitem(TASKS, "translation", dataclasses.replace(TASKS["translation"], decoding_search=None))
     out = tmp_path / "zs"
     assert cli.main(["test", "--zero-shot", "--task", "translation", "--model", str(tiny_models["t5"]),
