@@ -71,6 +71,10 @@ class DecodingSearch:
         return list(dict.fromkeys(m for m in (main_metric, second_metric, self.metric, self.reference_metric) if m))
 
 
+# the original study's two decodings; the better main metric on validation wins
+GREEDY_OR_BEAM = DecodingSearch(candidates=({"search": "greedy"}, {"search": "beam", "num_beams": 4}))
+
+
 @dataclass(frozen=True)
 class Task:
     name: str

@@ -2,7 +2,7 @@
 
 from peft_nlg.data.sources import apt_descriptions, hub
 from peft_nlg.metrics import summarization_metrics
-from peft_nlg.tasks.base import DecodingSearch, HubSource, Source, Task
+from peft_nlg.tasks.base import GREEDY_OR_BEAM, HubSource, Source, Task
 
 TASK = Task(
     name="summarization",
@@ -21,5 +21,5 @@ TASK = Task(
     max_new_tokens=48,
     # Beam search finds the short, formulaic synopses better: on the CPU probe (LoRA, 200k tokens, 150
     # validation descriptions) ROUGE-2 22.5 greedy, 25.0 with 4 beams (ROUGE-L 39.1, 40.5). Validation decides.
-    decoding_search=DecodingSearch(candidates=({"search": "greedy"}, {"search": "beam", "num_beams": 4})),
+    decoding_search=GREEDY_OR_BEAM,
 )
