@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--tasks", default="all", help="comma-separated, or all")
     grid.add_argument("--methods", default="all", help="comma-separated, or all")
     grid.add_argument("--lr-factors", help="learning rates tried: the method's default times these "
-                      "(default: defaults/study.yaml, as for the next two)")
+                      "(default: defaults/study.yaml, as for the next three)")
+    grid.add_argument("--lr-extensions", type=int, metavar="N",
+                      help="while the best rate is the largest or smallest tried, try up to N more beyond it")
     grid.add_argument("--ladder", help="training-set sizes besides the full split ('': none)")
     grid.add_argument("--token-budget", type=_token_budget, metavar="N|TASK=N,...",
                       help="real training tokens per run, one number or per task (0: epochs decide)")
@@ -196,11 +198,12 @@ def _grid(args: argparse.Namespace) -> int:
     for item in args.set:
         overrides.update(item)
     lr_factors = [float(x) for x in args.lr_factors.split(",")] if args.lr_factors else study["lr_factors"]
+    extensions = args.lr_extensions if args.lr_extensions is not None else study.get("lr_extensions", 0)
     ladder = [int(x) for x in args.ladder.split(",") if x.strip()] if args.ladder is not None else study["ladder"]
     budget = args.token_budget if args.token_budget is not None else study.get("token_budget", 0)
     spec = GridSpec(tasks=names(args.tasks, TASKS), methods=[get_method(m).name for m in names(args.methods, METHODS)],
-                    lr_factors=lr_factors, ladder=ladder, token_budget=budget, overrides=overrides,
-                    zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit,
+                    lr_factors=lr_factors, lr_extensions=extensions, ladder=ladder, token_budget=budget,
+                    overrides=overrides, zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit,
                     parallel=args.parallel or study["parallel"][device().type])
     if args.plan:
         rows = plan(spec, Path(args.records))

@@ -48,6 +48,7 @@ class GridSpec:
     tasks: list[str]
     methods: list[str]
     lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    lr_extensions: int = 0                           # rates tried beyond the search's edge while an edge rate wins
     ladder: list[int] = field(default_factory=list)  # training-set sizes besides the full split
     token_budget: int | dict[str, int] = 0           # real training tokens per run, or per task (0: epochs decide)
     overrides: dict = field(default_factory=dict)    # any RunConfig field, for every run
@@ -97,9 +98,12 @@ class _Clock:
 def study_defaults() -> dict:
     """defaults/study.yaml: the committed grid settings, checked like every other layer of defaults."""
     study = yaml_defaults("study.yaml")
-    unknown = set(study) - {"token_budget", "lr_factors", "ladder", "parallel", "set"}
+    unknown = set(study) - {"token_budget", "lr_factors", "lr_extensions", "ladder", "parallel", "set"}
     if unknown:
         raise ValueError(f"defaults/study.yaml: unknown key(s) {', '.join(sorted(unknown))}")
+    extensions = study.setdefault("lr_extensions", 0)
+    if not isinstance(extensions, int) or isinstance(extensions, bool) or extensions < 0:
+        raise ValueError(f"defaults/study.yaml: lr_extensions must be a whole number >= 0, not {extensions!r}")
     parallel = study.setdefault("parallel", {})
     if set(parallel) - {"cpu", "cuda"} or not all(isinstance(n, int) and n >= 1 for n in parallel.values()):
         raise ValueError("defaults/study.yaml: parallel must map cpu and/or cuda to a number of runs >= 1")
@@ -321,13 +325,54 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
     return done
 
 
+def beyond_edge(losses: dict[float, float]) -> float | None:
+    """The next rate outward when the search's largest or smallest rate won (the same step as its two outermost
+    rates), or None when the best rate has a worse one on each side: a winner at the edge says the best rate may
+    lie outside the range searched."""
+    if len(losses) < 2:
+        return None
+    rates, best = sorted(losses), min(losses, key=losses.get)
+    if best == rates[-1]:
+        return float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
+    if best == rates[0]:
+        return float(f"{rates[0] * rates[0] / rates[1]:.3g}")
+    return None
+
+
 def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock,
             workers: _Workers, log, meanwhile=()) -> float:
     """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used).
-    ``meanwhile``: work for this process while the workers train, told how many processes share the device
-    (run before the search when runs go one by one)."""
+    While the winner is the largest or smallest rate tried, up to ``spec.lr_extensions`` rates beyond it are
+    tried, one step further each. ``meanwhile``: work for this process while the workers train, told how many
+    processes share the device (run before the search when runs go one by one)."""
+    losses = _train_rates(spec, task, method, spec.learning_rates(task, method), records, work_dir, clock, workers,
+                          log, meanwhile)
+    extended = []
+    for _ in range(spec.lr_extensions):
+        beyond = beyond_edge(losses)
+        if beyond is None:
+            break
+        log(f"{task}/{method}: the best rate {min(losses, key=losses.get):g} is the edge of those tried; "
+            f"trying {beyond:g}")
+        extended.append(beyond)
+        losses.update(_train_rates(spec, task, method, [beyond], records, work_dir, clock, workers, log))
+    best_lr = min(losses, key=losses.get)
+    summary = {"task": task, "method": method,
+               "valid_loss_by_lr": {f"{k:g}": v for k, v in sorted(losses.items())}, "selected_lr": best_lr}
+    if extended:
+        summary["extended"] = extended
+    path = _search_record(records, task, method)
+    if _read(path) != summary:
+        write_json(path, summary)
+    return best_lr
+
+
+def _train_rates(spec: GridSpec, task: str, method: str, rates: list[float], records: Path, work_dir: Path,
+                 clock: _Clock, workers: _Workers, log, meanwhile=()) -> dict[float, float]:
+    """Trains the rates without a record (at once where the workers allow) and returns each rate's best
+    validation loss."""
     jobs = {}
-    for lr in spec.learning_rates(task, method):
+    for lr in rates:
         run = _run_name(lr, 0)
         overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
@@ -350,17 +395,11 @@ def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Pat
         beside = " beside a test in the main process" if meanwhile else ""
         log(f"{task}/{method}: {len(trained)} runs, up to {workers.parallel} at once{beside}: {tokens:,} tokens in "
             f"{seconds:.0f} s, {tokens / seconds:,.0f} tokens/s together")
-    search = {}
+    losses = {}
     for lr, (_, _, dst) in jobs.items():
-        search[lr] = json.loads(dst.read_text())["best_valid_loss"]
-        log(f"{task}/{method} lr {lr:g}: valid loss {search[lr]:.4f}")
-    best_lr = min(search, key=search.get)
-    summary = {"task": task, "method": method, "valid_loss_by_lr": {f"{k:g}": v for k, v in search.items()},
-               "selected_lr": best_lr}
-    path = _search_record(records, task, method)
-    if _read(path) != summary:
-        write_json(path, summary)
-    return best_lr
+        losses[lr] = json.loads(dst.read_text())["best_valid_loss"]
+        log(f"{task}/{method} lr {lr:g}: valid loss {losses[lr]:.4f}")
+    return losses
 
 
 def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
@@ -370,10 +409,11 @@ def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
         if spec.zero_shot:
             rows.append((f"{task}/zero_shot test", _test_record(_run_records(records, task, "zero_shot")) is not None))
         for method in spec.methods:
-            lrs = spec.learning_rates(task, method)
+            search = _read(_search_record(records, task, method))
+            # a finished search lists the rates it tried beyond the edge too
+            lrs = sorted({*spec.learning_rates(task, method), *(search or {}).get("extended", [])})
             rows += [(f"{task}/{method} {_run_name(lr, 0)} train",
                       _train_record(records, task, method, _run_name(lr, 0)).is_file()) for lr in lrs]
-            search = _read(_search_record(records, task, method))
             selected = _run_name(search["selected_lr"], 0) if search else "selected lr"
             rows.append((f"{task}/{method} {selected} test", bool(search) and _test_record(
                 _run_records(records, task, method, selected)) is not None))

@@ -141,6 +141,33 @@ def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tm
     assert len(again) == len(finished)
 
 
+def test_search_goes_beyond_an_edge_winner():
+    from peft_nlg.grid import beyond_edge
+    assert beyond_edge({1e-4: 2.0, 2e-4: 1.9, 4e-4: 1.8}) == 8e-4       # the largest won: one step up
+    assert beyond_edge({1e-4: 1.7, 2e-4: 1.9, 4e-4: 1.8}) == 5e-5       # the smallest won: one step down
+    assert beyond_edge({5e-4: 2.0, 1e-3: 1.7, 2e-3: 1.8}) is None       # worse on both sides: done
+    assert beyond_edge({1e-3: 1.0}) is None
+
+
+def test_grid_extends_the_search_past_an_edge_winner(tiny_models, tiny_data, tmp_path):
+    """With two rates the winner is always at an edge, so one more rate is tried beyond it, and the selected
+    run is the best of all three on validation."""
+    spec = _spec(tiny_models, tiny_data)
+    spec.methods, spec.ladder, spec.zero_shot, spec.lr_extensions = ["lora"], [], False, 1
+    logged = []
+    [record] = run_grid(spec, tmp_path / "rec", tmp_path / "work", log=logged.append)
+    search = json.loads((tmp_path / "rec" / "translation" / "lora" / "lr_search.json").read_text())
+    first = spec.learning_rates("translation", "lora")
+    [beyond] = search["extended"]
+    assert beyond in (first[0] / 4, first[1] * 4)  # factors 0.5 and 2: one step of x4 outward
+    assert [float(lr) for lr in search["valid_loss_by_lr"]] == sorted([*first, beyond])
+    best = min(search["valid_loss_by_lr"], key=search["valid_loss_by_lr"].get)
+    assert record["grid"]["learning_rate"] == search["selected_lr"] == float(best)
+    assert any("is the edge of those tried" in line for line in logged)
+    assert [name for name, finished in plan(spec, tmp_path / "rec") if not finished] == []
+    assert len([name for name, _ in plan(spec, tmp_path / "rec") if name.endswith(" train")]) == 3
+
+
 def test_study_defaults_cover_every_task_and_are_valid_settings():
     from peft_nlg.config import build_config
     from peft_nlg.grid import study_defaults
