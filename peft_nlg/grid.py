@@ -402,6 +402,21 @@ def _train_rates(spec: GridSpec, task: str, method: str, rates: list[float], rec
     return losses
 
 
+def _known_rates(spec: GridSpec, task: str, method: str, records: Path) -> list[float]:
+    """The rates a search trains, as far as its records tell: the rates beyond the edge follow from the losses
+    of those trained before them."""
+    rates = spec.learning_rates(task, method)
+    for _ in range(spec.lr_extensions):
+        runs = [_read(_train_record(records, task, method, _run_name(lr, 0))) for lr in rates]
+        if not all(runs):
+            break
+        beyond = beyond_edge({lr: run["best_valid_loss"] for lr, run in zip(rates, runs, strict=True)})
+        if beyond is None:
+            break
+        rates = [*rates, beyond]
+    return sorted(rates)
+
+
 def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
     """Every run of the grid and whether its record exists, in the order the grid runs them."""
     rows = []
@@ -410,8 +425,7 @@ def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
             rows.append((f"{task}/zero_shot test", _test_record(_run_records(records, task, "zero_shot")) is not None))
         for method in spec.methods:
             search = _read(_search_record(records, task, method))
-            # a finished search lists the rates it tried beyond the edge too
-            lrs = sorted({*spec.learning_rates(task, method), *(search or {}).get("extended", [])})
+            lrs = _known_rates(spec, task, method, records)
             rows += [(f"{task}/{method} {_run_name(lr, 0)} train",
                       _train_record(records, task, method, _run_name(lr, 0)).is_file()) for lr in lrs]
             selected = _run_name(search["selected_lr"], 0) if search else "selected lr"
