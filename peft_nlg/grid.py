@@ -339,26 +339,40 @@ def beyond_edge(losses: dict[float, float]) -> float | None:
     return None
 
 
-def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock,
-            workers: _Workers, log, meanwhile=()) -> float:
-    """Train each learning rate on the full split; the lowest validation loss wins (the test split is not used).
-    While the winner is the largest or smallest rate tried, up to ``spec.lr_extensions`` rates beyond it are
-    tried, one step further each. ``meanwhile``: work for this process while the workers train, told how many
-    processes share the device (run before the search when runs go one by one)."""
-    losses = _train_rates(spec, task, method, spec.learning_rates(task, method), records, work_dir, clock, workers,
-                          log, meanwhile)
-    extended = []
+def _search_walk(spec: GridSpec, task: str, method: str, losses_of) -> tuple[list[float], dict[float, float] | None]:
+    """The rates a search trains: the spec's, then, while the best is the largest or smallest tried, up to
+    ``spec.lr_extensions`` rates beyond it, one step further each. ``losses_of(rates)`` gives those rates'
+    validation losses (training them, or reading their records: None where unknown, which ends the walk)."""
+    rates = spec.learning_rates(task, method)
+    losses = losses_of(rates)
     for _ in range(spec.lr_extensions):
-        beyond = beyond_edge(losses)
+        beyond = beyond_edge(losses) if losses is not None else None
         if beyond is None:
             break
-        log(f"{task}/{method}: the best rate {min(losses, key=losses.get):g} is the edge of those tried; "
-            f"trying {beyond:g}")
-        extended.append(beyond)
-        losses.update(_train_rates(spec, task, method, [beyond], records, work_dir, clock, workers, log))
+        rates = [*rates, beyond]
+        more = losses_of([beyond])
+        losses = None if more is None else {**losses, **more}
+    return rates, losses
+
+
+def _search(spec: GridSpec, task: str, method: str, records: Path, work_dir: Path, clock: _Clock,
+            workers: _Workers, log, meanwhile=()) -> float:
+    """Train each learning rate of the search on the full split (``_search_walk``); the lowest validation loss
+    wins (the test split is not used). ``meanwhile``: work for this process while the workers train the first
+    rates, told how many processes share the device (run before the search when runs go one by one)."""
+    pending = [meanwhile]
+
+    def train(rates: list[float]) -> dict[float, float]:
+        if not pending:  # a rate past the edge
+            log(f"{task}/{method}: the best rate so far is the edge of those tried; trying {rates[0]:g}")
+        return _train_rates(spec, task, method, rates, records, work_dir, clock, workers, log,
+                            pending.pop() if pending else ())
+
+    rates, losses = _search_walk(spec, task, method, train)
     best_lr = min(losses, key=losses.get)
     summary = {"task": task, "method": method,
                "valid_loss_by_lr": {f"{k:g}": v for k, v in sorted(losses.items())}, "selected_lr": best_lr}
+    extended = rates[len(spec.learning_rates(task, method)):]
     if extended:
         summary["extended"] = extended
     path = _search_record(records, task, method)
@@ -403,18 +417,13 @@ def _train_rates(spec: GridSpec, task: str, method: str, rates: list[float], rec
 
 
 def _known_rates(spec: GridSpec, task: str, method: str, records: Path) -> list[float]:
-    """The rates a search trains, as far as its records tell: the rates beyond the edge follow from the losses
-    of those trained before them."""
-    rates = spec.learning_rates(task, method)
-    for _ in range(spec.lr_extensions):
+    """The rates a search trains, as far as its records tell (the rates past the edge follow from the losses of
+    those trained before them)."""
+    def recorded(rates: list[float]) -> dict[float, float] | None:
         runs = [_read(_train_record(records, task, method, _run_name(lr, 0))) for lr in rates]
-        if not all(runs):
-            break
-        beyond = beyond_edge({lr: run["best_valid_loss"] for lr, run in zip(rates, runs, strict=True)})
-        if beyond is None:
-            break
-        rates = [*rates, beyond]
-    return sorted(rates)
+        return {lr: run["best_valid_loss"] for lr, run in zip(rates, runs, strict=True)} if all(runs) else None
+
+    return sorted(_search_walk(spec, task, method, recorded)[0])
 
 
 def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
