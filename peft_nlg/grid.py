@@ -134,10 +134,29 @@ def _search_record(records: Path, task: str, method: str) -> Path:
     return records / task / method / "lr_search.json"
 
 
-# settings that change nothing a training run computes
+# settings that change nothing a training run computes (compiled blocks compute the same, up to rounding)
 _NOT_TRAINING = {"output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "search",
+                 "compile", "profile_steps",
                  "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram", "max_test_examples",
                  "test_file", "gen_batch_tokens", "gen_max_batch_size"}
+
+
+def _training_differences(have: dict, overrides: dict, work: Path) -> list[str]:
+    """The training settings where a run's saved configuration differs from what the grid asks now (settings
+    one of them does not know are skipped: another version of the tool)."""
+    wanted = build_config({**overrides, "output_dir": str(work)}).to_dict()
+    return [f"{k}={have[k]!r} (now {wanted[k]!r})" for k in wanted
+            if k not in _NOT_TRAINING and k in have and wanted[k] != have[k]]
+
+
+def _check_record(record_path: Path, overrides: dict, work: Path) -> None:
+    """A record the grid would reuse must be the run it asks for: one made with other settings (the defaults
+    changed since, say) is refused by name instead of being mixed silently into this grid's results."""
+    have = json.loads(record_path.read_text()).get("config")
+    differences = _training_differences(have, overrides, work) if have else []  # early records lack a config
+    if differences:
+        raise ValueError(f"{record_path}: made with {', '.join(differences)}; move it away to train this run "
+                         "again, or run the grid with the settings it was made with")
 
 
 def _same_settings(work: Path, overrides: dict) -> bool:
@@ -149,8 +168,7 @@ def _same_settings(work: Path, overrides: dict) -> bool:
         have = load_config_file(saved).to_dict()
     except (ValueError, TypeError):  # written by another version of the tool: not this run
         return False
-    wanted = build_config({**overrides, "output_dir": str(work)}).to_dict()
-    return all(wanted[k] == have[k] for k in wanted if k not in _NOT_TRAINING)
+    return not _training_differences(have, overrides, work)
 
 
 def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool, shared_by: int = 1) -> dict:
@@ -390,6 +408,9 @@ def _train_rates(spec: GridSpec, task: str, method: str, rates: list[float], rec
         run = _run_name(lr, 0)
         overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
+    for overrides, work, record_path in jobs.values():
+        if record_path.is_file():
+            _check_record(record_path, overrides, work)
     untrained = [(*job, False) for job in jobs.values() if not job[2].is_file()]  # no model needed yet
     if not (untrained and workers.in_parallel(untrained)):  # nothing to wait for: this process's work first
         for work in meanwhile:
@@ -428,21 +449,24 @@ def _known_rates(spec: GridSpec, task: str, method: str, records: Path) -> list[
 
 def plan(spec: GridSpec, records: Path) -> list[tuple[str, bool]]:
     """Every run of the grid and whether its record exists, in the order the grid runs them."""
-    rows = []
+    rows, settled = [], {}  # settled: a search's selection, once every rate it trains has a record
     for task in spec.tasks:
         if spec.zero_shot:
             rows.append((f"{task}/zero_shot test", _test_record(_run_records(records, task, "zero_shot")) is not None))
         for method in spec.methods:
             search = _read(_search_record(records, task, method))
             lrs = _known_rates(spec, task, method, records)
-            rows += [(f"{task}/{method} {_run_name(lr, 0)} train",
-                      _train_record(records, task, method, _run_name(lr, 0)).is_file()) for lr in lrs]
+            trained = [_train_record(records, task, method, _run_name(lr, 0)).is_file() for lr in lrs]
+            rows += [(f"{task}/{method} {_run_name(lr, 0)} train", done) for lr, done in zip(lrs, trained, strict=True)]
+            if not all(trained):  # a rate still to train (past the edge, say) may change the selection
+                search = None
+            settled[(task, method)] = search
             selected = _run_name(search["selected_lr"], 0) if search else "selected lr"
             rows.append((f"{task}/{method} {selected} test", bool(search) and _test_record(
                 _run_records(records, task, method, selected)) is not None))
     for task in spec.tasks:
         for method in spec.methods:
-            search = _read(_search_record(records, task, method))
+            search = settled[(task, method)]
             for examples in spec.ladder:
                 name = _run_name(search["selected_lr"], examples) if search else f"n{examples}"
                 rows.append((f"{task}/{method} {name} train+test", bool(search) and _test_record(

@@ -25,10 +25,16 @@ ROW_TITLES = {ZERO_SHOT: "Zero-shot (no training)", **{m.name: m.title for m in 
 
 
 def load_records(root: Path) -> list[dict]:
+    """Every test record under ``root``; a grid run whose learning rate its search no longer selects (the search
+    went on past an edge in a later slot and found a better rate) is marked ``_superseded``: kept as evidence,
+    never in the table or the learning curves."""
+    selected = {(s["task"], s["method"]): s["selected_lr"] for s in load_searches(root)}
     records = []
     for path in sorted(root.rglob("record-test-*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
         record["_path"] = str(path)
+        rate, best = (record.get("grid") or {}).get("learning_rate"), selected.get((record["task"], record["method"]))
+        record["_superseded"] = None not in (rate, best) and rate != best
         records.append(record)
     return records
 
@@ -40,7 +46,8 @@ def load_searches(root: Path) -> list[dict]:
 
 def _is_headline(record: dict) -> bool:
     """The table shows full-data runs chosen on validation; ladder runs (subsets) feed the learning curves."""
-    return record.get("grid", {}).get("selected", True) and not record.get("config", {}).get("train_examples")
+    return (record.get("grid", {}).get("selected", True) and not record.get("config", {}).get("train_examples")
+            and not record.get("_superseded"))
 
 
 def _decoding_chosen(record: dict) -> bool:
@@ -133,7 +140,8 @@ def detailed_table(records: list[dict]) -> str:
         train = r.get("train") or {}
         scores = ", ".join(f"{k} {v}" for k, v in r["scores"].items() if not k.endswith("signature"))
         lines.append("| " + " | ".join(str(x) for x in [
-            r["task"], r["method"], r.get("config", {}).get("train_examples") or "all", _decoding_name(r),
+            r["task"], r["method"] + (" (superseded)" if r.get("_superseded") else ""),
+            r.get("config", {}).get("train_examples") or "all", _decoding_name(r),
             scores, f"{r['trainable_params']:,}",
             _at_once(train.get("train_seconds", "–"), train.get("concurrent_runs")),
             train.get("train_tokens_per_s", "–"), train.get("peak_memory_gb", "–"),
@@ -187,6 +195,10 @@ def results_markdown(records: list[dict], searches: list[dict]) -> str:
         parts += [f"Times and tokens/s: {sharing} where marked (the grid's `parallel`); compare "
                   "them between runs that shared alike. The speed benchmark (`docs/benchmarks.md`) times runs "
                   "alone.", ""]
+    if any(r.get("_superseded") for r in records):
+        parts += ["Rows marked (superseded): the test of a rate its learning-rate search later replaced (the search "
+                  "went on past its edge and found a lower validation loss); kept as evidence, not in the results "
+                  "table.", ""]
     parts += [detailed_table(records), "",
               "## Quality targets", "", "From `peft_nlg/defaults/targets.yaml`, on the results table's runs.", "",
               targets_table(check_targets(chosen, load_targets())), ""]
@@ -263,7 +275,7 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
 
     ladder = defaultdict(dict)
     for r in records:
-        if r["method"] != ZERO_SHOT and _decoding_chosen(r) and r.get("train"):
+        if r["method"] != ZERO_SHOT and _decoding_chosen(r) and r.get("train") and not r.get("_superseded"):
             ladder[(r["task"], r["method"])][r["train"]["train_examples"]] = r["scores"][TASKS[r["task"]].main_metric]
     if any(len(points) > 1 for points in ladder.values()):
         figure, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4), squeeze=False)

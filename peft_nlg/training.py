@@ -341,7 +341,8 @@ def train(config: RunConfig) -> dict:
         **peak_memory_gb(dev),
         "model_size_bytes": dir_size_bytes(out / "model"),
         "data_fingerprints": data_fingerprints,
-        "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed, "command": command_line(),
+        "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
+        "config": config.to_dict(), "command": command_line(),
     }
     if accelerator.is_main_process:
         write_json(out / "train_record.json", record)

@@ -2,6 +2,7 @@
 whose README table can be checked against them."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,8 @@ from peft_nlg import cli
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
 from peft_nlg.report import END, START, load_records, main_table, report
 from peft_nlg.tasks import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _spec(tiny_models, tiny_data):
@@ -29,6 +32,8 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
         assert record["train"]["train_tokens"] >= 400  # every method got the same budget
         assert record["train"]["train_tokens"] < 400 + 2 * 600
         assert record["command"] and record["train"]["command"]  # what it takes to run it again
+    for path in (tmp_path / "rec1").rglob("record-train.json"):  # a search's runs carry their settings too
+        assert path.parent.name.startswith(f"lr{json.loads(path.read_text())['config']['learning_rate']:g}-n")
     # every method saw the same data; a ladder rung saw a subset
     fingerprints = {(r["method"], r["grid"]["train_examples"]): r["train"]["data_fingerprints"]["train"]
                     for r in first[1:]}
@@ -63,6 +68,12 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
     run_grid(spec, tmp_path / "rec1", tmp_path / "work1", log=lambda *_: None)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
+
+    # records made with other training settings are not mixed into this grid's results: refused, by name
+    spec.overrides = {**spec.overrides, "warmup_ratio": 0.2}
+    with pytest.raises(ValueError, match=r"lr[^/]*-nall/record-train\.json: made with warmup_ratio=0\.05 \(now 0\.2\)"):
+        run_grid(spec, tmp_path / "rec1", tmp_path / "work1", log=lambda *_: None)
+    spec.overrides = {k: v for k, v in spec.overrides.items() if k != "warmup_ratio"}
 
     # a work dir left by a grid with other settings is not taken for this grid's run
     spec.overrides = {**spec.overrides, "seed": 1}
@@ -169,6 +180,9 @@ def test_grid_extends_the_search_past_an_edge_winner(tiny_models, tiny_data, tmp
     # cut off before the extra rate trained: the plan already knows it is due
     beyond_run = next((tmp_path / "rec" / "translation" / "lora").glob(f"lr{beyond:g}-nall"))
     (beyond_run / "record-train.json").unlink()
+    # the test recorded earlier may not be the one the finished search selects: due again
+    due = [name for name, finished in plan(spec, tmp_path / "rec") if not finished]
+    assert due == [f"translation/lora lr{beyond:g}-nall train", "translation/lora selected lr test"]
     (tmp_path / "rec" / "translation" / "lora" / "lr_search.json").unlink()
     assert f"translation/lora lr{beyond:g}-nall train" in [
         name for name, finished in plan(spec, tmp_path / "rec") if not finished]
@@ -247,3 +261,29 @@ def test_a_killed_worker_does_not_break_later_groups(tmp_path):
     # the second group did reach (new) workers: they raised there, and the jobs were retried alone
     assert second == [{"value": 2, "shared_by": 1}, {"value": 3, "shared_by": 1}]
     assert "MemoryError" in (tmp_path / "again2" / "train.log").read_text()
+
+
+def test_a_test_whose_rate_the_search_later_replaced_leaves_the_table(tmp_path):
+    """A search resumed with more rates past its edge may select a new rate: the table shows that rate's test,
+    whatever the order of the folders, and the earlier test stays, marked, in RESULTS.md."""
+    committed = json.loads(next(iter(sorted((REPO / "results" / "translation" / "none").glob(
+        "lr*/record-test-*.json")))).read_text())
+    method_dir = tmp_path / "rec" / "translation" / "none"
+    for rate, bleu in ((0.0005, 11.0), (0.00025, 22.0)):  # "lr0.00025" sorts before "lr0.0005"
+        record = {**committed, "scores": {**committed["scores"], "bleu": bleu},
+                  "grid": {**committed["grid"], "learning_rate": rate, "selected": True}}
+        (method_dir / f"lr{rate:g}-nall").mkdir(parents=True)
+        (method_dir / f"lr{rate:g}-nall" / "record-test-beam.json").write_text(json.dumps(record))
+    search = {"task": "translation", "method": "none", "selected_lr": 0.00025,
+              "valid_loss_by_lr": {"0.00025": 2.0, "0.0005": 2.1, "0.001": 2.2}, "extended": [0.00025]}
+    (method_dir / "lr_search.json").write_text(json.dumps(search))
+    records = load_records(tmp_path / "rec")
+    assert [r["_superseded"] for r in records] == [False, True]
+    assert "| Full fine-tuning | 22.00 (chrf" in main_table(records)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    assert report(tmp_path / "rec", readme=readme) == 0
+    assert "| translation | none (superseded) | all |" in (tmp_path / "rec" / "RESULTS.md").read_text()
+    search["selected_lr"] = 0.0005  # the other way round: the other record is the table's
+    (method_dir / "lr_search.json").write_text(json.dumps(search))
+    assert "| Full fine-tuning | 11.00 (chrf" in main_table(load_records(tmp_path / "rec"))
