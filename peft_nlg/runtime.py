@@ -177,6 +177,18 @@ def synchronize(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def device_busy_seconds(events) -> float:
+    """Seconds the device itself spent running kernels and copies, from a profiler's ``key_averages()``. Only
+    the device's own rows count: an op row (``aten::mm``) carries the time of the kernels it launched, and a
+    step annotation (``ProfilerStep*``) the span of the step on the device, idle gaps included, so summing every
+    row counts each kernel two or three times."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+               and not e.key.startswith("ProfilerStep")) / 1e6
+
+
 class StepProfiler:
     """torch.profiler over ``active`` training steps after ``wait`` (+1 warm-up) steps; writes an op table and
     how busy the device was. Where a small model's step time goes (host launching kernels, or the device)."""
@@ -201,7 +213,7 @@ class StepProfiler:
     def _write(self, profiler) -> None:
         wall = time.perf_counter() - self.started if self.started else float("nan")
         events = profiler.key_averages()
-        on_device = sum(e.self_device_time_total for e in events) / 1e6 if self.dev.type == "cuda" else 0.0
+        on_device = device_busy_seconds(events) if self.dev.type == "cuda" else 0.0
         sort = "self_cuda_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
         busy = f"device kernels {on_device:.3f} s ({100 * on_device / wall:.0f}% of wall); " if on_device else ""
         summary = (f"{self.active} steps in {wall:.3f} s wall ({wall / self.active * 1000:.1f} ms per step); {busy}"

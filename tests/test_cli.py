@@ -211,3 +211,22 @@ def test_profiled_steps_write_an_op_table(tiny_models, tiny_data, tmp_path):
     profile = (out / "profile.txt").read_text()
     assert profile.startswith("2 steps in ") and "ms per step" in profile
     assert "aten::mm" in profile or "aten::addmm" in profile  # the op table, with the model's matrix products
+
+
+def test_device_busy_time_counts_each_kernel_once():
+    """Rows as the H200 profile of full fine-tuning gave them (3 steps): the step annotation spans 852 ms on the
+    device, the aten::mm row carries its kernels' 61 ms, and the kernels themselves ran 61 + 232 ms."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from peft_nlg.runtime import device_busy_seconds
+
+    def row(key, device_ms, device_type, annotation=False):
+        return SimpleNamespace(key=key, self_device_time_total=device_ms * 1000, device_type=device_type,
+                               is_user_annotation=annotation)
+
+    rows = [row("ProfilerStep*", 851.9, DeviceType.CUDA, annotation=True), row("aten::mm", 61.1, DeviceType.CPU),
+            row("nvjet_sm90_tst_192x192", 61.1, DeviceType.CUDA), row("elementwise_kernel", 232.0, DeviceType.CUDA),
+            row("Memcpy DtoD (Device -> Device)", 4.0, DeviceType.CUDA), row("ProfilerStep#6", 0.0, DeviceType.CPU)]
+    assert device_busy_seconds(rows) == pytest.approx(0.2971)
