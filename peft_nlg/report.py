@@ -251,8 +251,14 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
         for method in METHODS:
             r = trained.get((method, task))
             if r:
-                axes[0, column].scatter(max(r["trainable_params"], 1), r["scores"][metric], label=ROW_TITLES[method])
-                axes[1, column].scatter(r["train"]["train_seconds"], r["scores"][metric], label=ROW_TITLES[method])
+                axes[0, column].scatter(max(r["trainable_params"], 1), r["scores"][metric], label=ROW_TITLES[method],
+                                        color=f"C{list(METHODS).index(method)}")
+                shared = (r["train"].get("concurrent_runs") or 1) > 1  # its time is not comparable: hollow
+                axes[1, column].scatter(r["train"]["train_seconds"], r["scores"][metric],
+                                        label=ROW_TITLES[method] + (" (shared device)" if shared else ""),
+                                        facecolors="none" if shared else None,
+                                        edgecolors=f"C{list(METHODS).index(method)}",
+                                        color=f"C{list(METHODS).index(method)}")
         for row in (0, 1):
             zero_shot_line(axes[row, column], task)
             finish(axes[row, column])
