@@ -248,17 +248,15 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
     figure, axes = plt.subplots(2, len(TASKS), figsize=(5 * len(TASKS), 8), squeeze=False)
     for column, task in enumerate(TASKS):
         metric = TASKS[task].main_metric
-        for method in METHODS:
-            r = trained.get((method, task))
+        for number, method in enumerate(METHODS):
+            r, color = trained.get((method, task)), f"C{number}"  # one colour per method in every panel
             if r:
                 axes[0, column].scatter(max(r["trainable_params"], 1), r["scores"][metric], label=ROW_TITLES[method],
-                                        color=f"C{list(METHODS).index(method)}")
+                                        color=color)
                 shared = (r["train"].get("concurrent_runs") or 1) > 1  # its time is not comparable: hollow
                 axes[1, column].scatter(r["train"]["train_seconds"], r["scores"][metric],
                                         label=ROW_TITLES[method] + (" (shared device)" if shared else ""),
-                                        facecolors="none" if shared else None,
-                                        edgecolors=f"C{list(METHODS).index(method)}",
-                                        color=f"C{list(METHODS).index(method)}")
+                                        facecolors="none" if shared else color, edgecolors=color)
         for row in (0, 1):
             zero_shot_line(axes[row, column], task)
             finish(axes[row, column])
