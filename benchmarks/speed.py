@@ -103,6 +103,9 @@ def main() -> int:
     ap.add_argument("--quality-prompts", type=int, default=0,
                     help="test prompts both trained recipes answer for the quality check (0: 200 GPU, 32 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
+    ap.add_argument("--cudnn-attention-too", action="store_true",
+                    help="also time our default-batch run and greedy generation with cuDNN attention allowed "
+                         "(the setting before 2026-11-27), to measure what excluding it buys")
     args = ap.parse_args()
     if args.render:
         print(markdown_table(json.loads(Path(args.render).read_text())))
@@ -241,6 +244,13 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
                             show_progress=False)
         row[f"ours_gen_{search}"] = stats
+        if search == "greedy" and args.cudnn_attention_too:
+            with_cudnn = dataclasses.replace(settings, cudnn_attention=True)
+            generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts[:8],
+                     dataclasses.replace(with_cudnn, max_new_tokens=4), dev, dtype, show_progress=False)
+            _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, with_cudnn, dev, dtype,
+                                show_progress=False)
+            row["ours_gen_greedy_cudnn_attention"] = stats
     if name in ("none", "lora"):  # the recipe times generation for these two only
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
@@ -269,6 +279,17 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                                 "train_loss_last": record["history"][-1]["train_loss"],
                                 "train_loss_last_eager": row_loss}
         row["compile_speedup"] = round(record["steady_tokens_per_s"] / row["ours"]["tokens_per_s"], 2)
+    if args.cudnn_attention_too:  # the same run with cuDNN attention allowed
+        record = train(dataclasses.replace(default, cudnn_attention=True,
+                                           output_dir=str(work / name / "cudnn_attention")))
+        row["ours_cudnn_attention"] = {"tokens_per_s": record["steady_tokens_per_s"],
+                                       "peak_memory_gb": record["peak_memory_gb"],
+                                       "train_loss_last": record["history"][-1]["train_loss"],
+                                       "train_loss_last_without": row_loss}
+        row["no_cudnn_attention_speedup"] = {
+            "train": round(row["ours"]["tokens_per_s"] / record["steady_tokens_per_s"], 2),
+            "generate_greedy": round(row["ours_gen_greedy"]["new_tokens_per_s"]
+                                     / row["ours_gen_greedy_cudnn_attention"]["new_tokens_per_s"], 2)}
     fpt = flops_per_token(config, name == "none")
     if on_gpu:
         peak_flops = 989e12  # dense bf16 spec of the H100 SXM and the H200
@@ -305,10 +326,12 @@ def _baseline_like_options(name: str) -> dict:
 def markdown_table(results: dict) -> str:
     """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
     compiled = any("compile_speedup" in r for r in results["methods"].values())
+    cudnn = any("no_cudnn_attention_speedup" in r for r in results["methods"].values())
     lines = ["| method | base tok/s | ours tok/s | × | mem base GB | mem ours@equal GB | valid loss base / ours@equal "
              "| test ROUGE-L base / ours@equal | gen base | gen ours greedy | × | beam ours |"
-             + (" compiled tok/s (× eager) |" if compiled else ""),
-             "|" + "---|" * (13 if compiled else 12)]
+             + (" compiled tok/s (× eager) |" if compiled else "")
+             + (" ours with cuDNN attention: train / gen tok/s (ours ×) |" if cudnn else ""),
+             "|" + "---|" * (12 + compiled + cudnn)]
     for name, r in results["methods"].items():
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} |" + " |" * 9)
@@ -321,8 +344,18 @@ def markdown_table(results: dict) -> str:
             _test_cell(b, e), gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}",
             f"**{r.get('gen_speedup_greedy', '–')}**",
             f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
-            f" {r['ours_compiled']['tokens_per_s']:,.0f} ({r['compile_speedup']}) |" if compiled else ""))
+            f" {r['ours_compiled']['tokens_per_s']:,.0f} ({r['compile_speedup']}) |" if compiled else "") + (
+            _cudnn_cell(r) if cudnn else ""))
     return "\n".join(lines)
+
+
+def _cudnn_cell(row: dict) -> str:
+    if "no_cudnn_attention_speedup" not in row:
+        return " – |"
+    speedup = row["no_cudnn_attention_speedup"]
+    return (f" {row['ours_cudnn_attention']['tokens_per_s']:,.0f} / "
+            f"{row['ours_gen_greedy_cudnn_attention']['new_tokens_per_s']:,.0f} "
+            f"({speedup['train']} / {speedup['generate_greedy']}) |")
 
 
 def _test_cell(base: dict, ours: dict) -> str:

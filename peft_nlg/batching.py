@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from peft_nlg.formatting import IGNORE_INDEX
+from peft_nlg.loss import target_positions
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
@@ -63,11 +64,13 @@ def training_batch(features: list[dict], pad_token_id: int, is_encoder_decoder: 
 
     Decoder-only batches carry no attention mask: with right padding and causal attention no real token
     can see a pad, so the mask changes nothing that enters the loss, and without it attention runs as
-    plain causal attention (flash kernels). Counting on the host keeps the GPU queue free of syncs.
+    plain causal attention (flash kernels). Counting targets and finding their positions on the host keeps
+    the GPU queue free of syncs.
     """
     batch = collate(features, pad_token_id, "right")
     n_targets = int((batch["labels"] != IGNORE_INDEX).sum())
     n_real = real_tokens(batch, is_encoder_decoder)
     if not is_encoder_decoder:
         del batch["attention_mask"]
+        batch["target_positions"] = target_positions(batch["labels"])
     return batch, n_targets, n_real

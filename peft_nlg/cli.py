@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--trg-field", default="trg")
     setup.add_argument("--overwrite", action="store_true")
 
-    shared = {"task", "method", "data_dir", "output_dir", "overwrite", "trust_remote_code", "threads"}
+    shared = {"task", "method", "data_dir", "output_dir", "overwrite", "trust_remote_code", "threads",
+              "cudnn_attention"}
     train = sub.add_parser("train", help="fine-tune with a method")
     _add_config_flags(train, shared | _TRAIN_ONLY)
     train.add_argument("--preset", choices=["original"], help="the original study's model for the task")

@@ -45,6 +45,8 @@ class RunConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"})
     gradient_checkpointing: bool = False
     compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block (training)"})
+    cudnn_attention: bool = field(default=False, metadata={
+        "help": "let attention use cuDNN's kernels (GPU; slow here: they are planned anew for each batch shape)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
     patience: int = field(default=3, metadata={"help": "early stopping: validations without improvement"})
     max_valid_examples: int = 500

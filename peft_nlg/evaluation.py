@@ -44,7 +44,7 @@ def trained_config(config: RunConfig) -> RunConfig:
     saved = load_config_file(saved_path)
     for name in ("search", "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram",
                  "max_test_examples", "test_file", "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir",
-                 "threads"):
+                 "threads", "cudnn_attention"):
         setattr(saved, name, getattr(config, name))
     return saved
 
@@ -57,7 +57,7 @@ def decoding(config: RunConfig, on_gpu: bool) -> DecodingSettings:
                             max_new_tokens=config.max_new_tokens or get_task(config.task).max_new_tokens,
                             batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"],
                             no_repeat_ngram=config.no_repeat_ngram, temperature=config.temperature,
-                            top_p=config.top_p, seed=config.seed)
+                            top_p=config.top_p, seed=config.seed, cudnn_attention=config.cudnn_attention)
 
 
 def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:
@@ -136,7 +136,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         "train": {k: train_record.get(k) for k in (
             "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
             "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command",
-            "concurrent_runs")}
+            "concurrent_runs", "attention_kernels")}
         if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
         "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},

@@ -11,7 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from peft_nlg.batching import collate, token_budget_batches
 from peft_nlg.formatting import Prompter
-from peft_nlg.runtime import synchronize
+from peft_nlg.runtime import attention_kernel_names, attention_kernels, synchronize
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class DecodingSettings:
     temperature: float = 1.0  # sampling only
     top_p: float = 1.0        # sampling only: nucleus size
     seed: int = 0             # sampling only: the same seed gives the same outputs on the same machine
+    cudnn_attention: bool = False  # see runtime.attention_kernels: each decode step is a new shape
 
     def generate_kwargs(self) -> dict:
         lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens or None}
@@ -91,7 +92,8 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
         if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
             prompt_width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
             processors.append(NoRepeatInOutput(settings.no_repeat_ngram, prompt_width))
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        with (torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
+              attention_kernels(settings.cudnn_attention)):
             # padding is never a word: suppressing it keeps an undertrained model from "writing" blanks
             generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, suppress_tokens=[pad],
                                        logits_processor=processors, **settings.generate_kwargs())
@@ -104,7 +106,8 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     synchronize(dev)
     seconds = time.perf_counter() - started
     stats = {"generate_seconds": round(seconds, 3), "new_tokens": new_tokens,
-             "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches)}
+             "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
+             "attention_kernels": attention_kernel_names(settings.cudnn_attention)}
     return outputs, stats
 
 

@@ -54,20 +54,26 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: 
     return total
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions whose next token is a target, in a [rows, width - 1] grid."""
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
 def decoder_only_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """(summed loss, number of target tokens) for a causal LM, peft-wrapped or not.
 
-    Training batches come without an attention mask (right padding, see ``batching.training_batch``).
+    Training batches come without an attention mask (right padding) and with their target positions found
+    on the host (``batching.training_batch``): finding them on the GPU would make the host wait there.
     """
     labels = batch["labels"]
+    positions = batch["target_positions"] if "target_positions" in batch else target_positions(labels)
     with _captured_head_input(model) as (head, captured):
         model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     hidden = captured[-1]
     hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]  # drop virtual prompt tokens, if any
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    selected = hidden[:, :-1][keep]
-    return chunked_cross_entropy(selected, head, targets[keep]), int(keep.sum())
+    selected = hidden[:, :-1].flatten(0, 1).index_select(0, positions)
+    targets = labels[:, 1:].flatten().index_select(0, positions)
+    return chunked_cross_entropy(selected, head, targets), positions.numel()
 
 
 def encoder_decoder_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

@@ -131,6 +131,17 @@ def _at_once(value, shared: int | None) -> str:
     return f"{value}" + (f" ({shared} at once)" if (shared or 1) > 1 else "")
 
 
+def _with_cudnn_attention(stage: dict | None, record: dict) -> bool:
+    """Whether a GPU time was measured while attention could use cuDNN's kernels: torch's default, and so
+    the case of records that do not say, until 2026-11-27 (slower here, see ``runtime.attention_kernels``)."""
+    on_gpu = bool(record.get("hardware", {}).get("gpu"))
+    return on_gpu and bool(stage) and "no cuDNN" not in (stage.get("attention_kernels") or "")
+
+
+def _timed(value, stage: dict | None, record: dict, shared: int | None) -> str:
+    return _at_once(value, shared) + (" (cuDNN attn.)" if _with_cudnn_attention(stage, record) else "")
+
+
 def detailed_table(records: list[dict]) -> str:
     headers = ["task", "method", "train ex.", "search", "scores", "trainable", "train s", "tokens/s", "peak GB",
                "adapter MB", "gen tok/s"]
@@ -143,10 +154,11 @@ def detailed_table(records: list[dict]) -> str:
             r["task"], r["method"] + (" (superseded)" if r.get("_superseded") else ""),
             r.get("config", {}).get("train_examples") or "all", _decoding_name(r),
             scores, f"{r['trainable_params']:,}",
-            _at_once(train.get("train_seconds", "–"), train.get("concurrent_runs")),
+            _timed(train.get("train_seconds", "–"), train, r, train.get("concurrent_runs")),
             train.get("train_tokens_per_s", "–"), train.get("peak_memory_gb", "–"),
             round(r.get("adapter_size_bytes", 0) / 2**20, 2),
-            _at_once(r["generation"]["new_tokens_per_s"], r.get("grid", {}).get("concurrent_runs"))]) + " |")
+            _timed(r["generation"]["new_tokens_per_s"], r["generation"], r, r.get("grid", {}).get("concurrent_runs"))
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -195,6 +207,11 @@ def results_markdown(records: list[dict], searches: list[dict]) -> str:
         parts += [f"Times and tokens/s: {sharing} where marked (the grid's `parallel`); compare "
                   "them between runs that shared alike. The speed benchmark (`docs/benchmarks.md`) times runs "
                   "alone.", ""]
+    if any(_with_cudnn_attention(r.get("train"), r) or _with_cudnn_attention(r["generation"], r) for r in records):
+        parts += ["Times marked (cuDNN attn.): measured while attention could use cuDNN's kernels, torch's default "
+                  "and this tool's until 2026-11-27. cuDNN plans its attention anew for each new batch shape on "
+                  "the host, so these runs trained and generated more slowly than later ones; compare them with "
+                  "runs marked alike.", ""]
     if any(r.get("_superseded") for r in records):
         parts += ["Rows marked (superseded): the test of a rate its learning-rate search later replaced (the search "
                   "went on past its edge and found a lower validation loss); kept as evidence, not in the results "
@@ -248,15 +265,20 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
     figure, axes = plt.subplots(2, len(TASKS), figsize=(5 * len(TASKS), 8), squeeze=False)
     for column, task in enumerate(TASKS):
         metric = TASKS[task].main_metric
+        # cuDNN attention sets a time apart only from runs without it: mark it where a panel has both
+        attention_mix = len({_with_cudnn_attention(r["train"], r) for (_, t), r in trained.items() if t == task}) > 1
         for number, method in enumerate(METHODS):
             r, color = trained.get((method, task)), f"C{number}"  # one colour per method in every panel
             if r:
                 axes[0, column].scatter(max(r["trainable_params"], 1), r["scores"][metric], label=ROW_TITLES[method],
                                         color=color)
-                shared = (r["train"].get("concurrent_runs") or 1) > 1  # its time is not comparable: hollow
+                # a time not comparable with a lone run under today's settings is drawn hollow
+                why = [note for note, applies in (
+                    ("shared device", (r["train"].get("concurrent_runs") or 1) > 1),
+                    ("cuDNN attention", attention_mix and _with_cudnn_attention(r["train"], r))) if applies]
                 axes[1, column].scatter(r["train"]["train_seconds"], r["scores"][metric],
-                                        label=ROW_TITLES[method] + (" (shared device)" if shared else ""),
-                                        facecolors="none" if shared else color, edgecolors=color)
+                                        label=ROW_TITLES[method] + (f" ({', '.join(why)})" if why else ""),
+                                        facecolors="none" if why else color, edgecolors=color)
         for row in (0, 1):
             zero_shot_line(axes[row, column], task)
             finish(axes[row, column])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from peft_nlg.config import RunConfig
 from peft_nlg.formatting import Prompter
@@ -47,6 +49,25 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+# cuDNN's attention builds an execution plan on the host for each new tensor shape. Length-grouped batches and
+# a decode cache that grows by one token per step give attention a new shape nearly every step: in the H200
+# grid's profile (2026-11-26, benchmarks/results/profiles/) cuDNN attention took 1.3-1.7 ms of host time per
+# call, about 86 ms of each profiled training step, while its kernels ran 0.06-0.18 ms. Flash and
+# memory-efficient attention launch without per-shape setup.
+_ATTENTION_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(allow_cudnn: bool):
+    """A context in which scaled-dot-product attention picks from flash, memory-efficient and math kernels,
+    or, with ``allow_cudnn``, from torch's default list (cuDNN first on recent cards)."""
+    return contextlib.nullcontext() if allow_cudnn else sdpa_kernel(_ATTENTION_WITHOUT_CUDNN)
+
+
+def attention_kernel_names(allow_cudnn: bool) -> str:
+    """What records say about the attention kernels a run could use."""
+    return "torch default (cuDNN allowed)" if allow_cudnn else "flash, efficient, math (no cuDNN)"
 
 
 def compute_dtype(config: RunConfig, dev: torch.device) -> torch.dtype:

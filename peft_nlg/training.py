@@ -30,6 +30,8 @@ from peft_nlg.loss import summed_loss
 from peft_nlg.models import compile_repeated_layers, count_parameters
 from peft_nlg.runtime import (
     StepProfiler,
+    attention_kernel_names,
+    attention_kernels,
     command_line,
     compute_dtype,
     device,
@@ -161,6 +163,11 @@ def validation_loss(model, batches, is_encoder_decoder: bool, accelerator: Accel
 
 
 def train(config: RunConfig) -> dict:
+    with attention_kernels(config.cudnn_attention):
+        return _train(config)
+
+
+def _train(config: RunConfig) -> dict:
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -256,10 +263,11 @@ def train(config: RunConfig) -> dict:
     while not stop:
         plan = epoch_plan(state["epoch"])
         steps = [plan[i:i + config.grad_accum] for i in range(0, len(plan), config.grad_accum)]
-        for step_batches in steps[state["batch_in_epoch"]:]:
+        upcoming = None
+        for index in range(state["batch_in_epoch"], len(steps)):
             synchronize(dev)
             started = time.perf_counter()
-            batches = to_batches(train_features, step_batches)
+            batches = upcoming or to_batches(train_features, steps[index])
             n_targets = sum(n for _, n, _ in batches)
             step_tokens = sum(n for _, _, n in batches)
             step_loss = torch.zeros((), device=dev)
@@ -274,6 +282,8 @@ def train(config: RunConfig) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # the host pads and copies the next step's batches while the device is still on this one
+            upcoming = to_batches(train_features, steps[index + 1]) if index + 1 < len(steps) else None
             synchronize(dev)
             state["train_seconds"] += time.perf_counter() - started
             state["step_times"].append([round(time.perf_counter() - started, 5), step_tokens])
@@ -338,6 +348,7 @@ def train(config: RunConfig) -> dict:
         "steady_tokens_per_s": steady_rate(state["step_times"]), "step_times": state["step_times"],
         "best_valid_loss": state["best_valid_loss"], "best_step": state.get("best_step"),
         "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
+        "attention_kernels": attention_kernel_names(config.cudnn_attention),
         **peak_memory_gb(dev),
         "model_size_bytes": dir_size_bytes(out / "model"),
         "data_fingerprints": data_fingerprints,

@@ -287,3 +287,26 @@ def test_a_test_whose_rate_the_search_later_replaced_leaves_the_table(tmp_path):
     search["selected_lr"] = 0.0005  # the other way round: the other record is the table's
     (method_dir / "lr_search.json").write_text(json.dumps(search))
     assert "| Full fine-tuning | 11.00 (chrf" in main_table(load_records(tmp_path / "rec"))
+
+
+def test_gpu_times_measured_with_cudnn_attention_are_marked(tmp_path):
+    """Records from before attention left out cuDNN (the committed H200 translation runs say nothing about it)
+    and records that allowed it are marked, in RESULTS.md and the time plot; later GPU runs are not."""
+    committed = json.loads(next(iter(sorted((REPO / "results" / "translation" / "none").glob(
+        "lr*/record-test-*.json")))).read_text())
+    assert committed["hardware"]["gpu"] and "attention_kernels" not in committed["train"]
+    newer = {**committed, "method": "lora",
+             "train": {**committed["train"], "attention_kernels": "flash, efficient, math (no cuDNN)"},
+             "generation": {**committed["generation"], "attention_kernels": "flash, efficient, math (no cuDNN)"}}
+    for record in (committed, newer):
+        run_dir = tmp_path / "rec" / "translation" / record["method"] / "lr0.001-nall"
+        run_dir.mkdir(parents=True)
+        (run_dir / "record-test-beam.json").write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    assert report(tmp_path / "rec", readme=readme) == 0
+    rows = {line.split(" | ")[1]: line for line in (tmp_path / "rec" / "RESULTS.md").read_text().splitlines()
+            if line.startswith("| translation |") and " | all | " in line}  # the table of every test run
+    assert rows["none"].count("(cuDNN attn.)") == 2  # training time and generation speed
+    assert "cuDNN" not in rows["lora"]
+    assert "Times marked (cuDNN attn.)" in (tmp_path / "rec" / "RESULTS.md").read_text()

@@ -20,13 +20,26 @@ fi
 python3 -m peft_nlg.cli setup -task all
 if ! grep -q "no GPU" "$out/gpu.txt" && [ "${PROFILE:-1}" = 1 ]; then
   # where a training step's time goes on this card (issue 4): 3 profiled steps each of full fine-tuning and
-  # LoRA at the grid's batch size, about 10 s each; PROFILE=0 skips this
+  # LoRA at the grid's batch size, about 10 s each; PROFILE=0 skips this and the comparison below
   for method in none lora; do
     python3 -m peft_nlg.cli train --task translation --method "$method" --output-dir "/tmp/profile-$method" \
       --overwrite --max-steps 9 --batch-tokens 16384 --max-valid-examples 16 --no-save-checkpoints \
       --report-to none --profile-steps 3 >"$out/profile-$method.log" 2>&1 \
       && cp "/tmp/profile-$method/profile.txt" "$out/profile-$method.txt" || true
   done
+  # what leaving cuDNN out of attention buys (runtime.attention_kernels), measured in this call, about 70 s:
+  # 40 training steps of each method at the grid's batch size and a zero-shot greedy test of 300 sentences,
+  # each without and with cuDNN; summary in $out/attention-ab.txt
+  for attention in no-cudnn-attention cudnn-attention; do
+    for method in none lora; do
+      python3 -m peft_nlg.cli train --task translation --method "$method" --output-dir "/tmp/ab-$method-$attention" \
+        --overwrite --max-steps 40 --batch-tokens 16384 --max-valid-examples 16 --no-save-checkpoints \
+        --report-to none "--$attention" >"$out/ab-$method-$attention.log" 2>&1 || true
+    done
+    python3 -m peft_nlg.cli test --zero-shot --task translation --output-dir "/tmp/ab-zs-$attention" --overwrite \
+      --search greedy --max-test-examples 300 "--$attention" >"$out/ab-zs-$attention.log" 2>&1 || true
+  done
+  python3 scripts/device/attention_ab.py /tmp | tee "$out/attention-ab.txt" || true
 fi
 mkdir -p results
 snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
