@@ -24,13 +24,22 @@ ROW_ORDER = [ZERO_SHOT, *METHODS]
 ROW_TITLES = {ZERO_SHOT: "Zero-shot (no training)", **{m.name: m.title for m in METHODS.values()}}
 
 
+# records of settings the study no longer uses (a method's defaults changed): kept beside the others as
+# evidence, read by neither the report nor the grid
+ARCHIVE = "archive"
+
+
+def _record_files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.rglob(pattern) if p.relative_to(root).parts[0] != ARCHIVE)
+
+
 def load_records(root: Path) -> list[dict]:
     """Every test record under ``root``; a grid run whose learning rate its search no longer selects (the search
     went on past an edge in a later slot and found a better rate) is marked ``_superseded``: kept as evidence,
     never in the table or the learning curves."""
     selected = {(s["task"], s["method"]): s["selected_lr"] for s in load_searches(root)}
     records = []
-    for path in sorted(root.rglob("record-test-*.json")):
+    for path in _record_files(root, "record-test-*.json"):
         record = json.loads(path.read_text(encoding="utf-8"))
         record["_path"] = str(path)
         rate, best = (record.get("grid") or {}).get("learning_rate"), selected.get((record["task"], record["method"]))
@@ -41,7 +50,7 @@ def load_records(root: Path) -> list[dict]:
 
 def load_searches(root: Path) -> list[dict]:
     """The grid's learning-rate searches (``<task>/<method>/lr_search.json``)."""
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.rglob("lr_search.json"))]
+    return [json.loads(p.read_text(encoding="utf-8")) for p in _record_files(root, "lr_search.json")]
 
 
 def _is_headline(record: dict) -> bool:

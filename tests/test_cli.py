@@ -136,7 +136,7 @@ def test_presets_and_layered_defaults():
     assert config.learning_rate == 5e-4 and config.method_options["r"] == 16  # defaults/methods.yaml
     assert config.max_source_tokens == 320  # defaults/tasks.yaml
     config = build_config({"task": "translation", "method": "lora", "method_options": {"r": 4}})
-    assert config.method_options == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.05}
+    assert config.method_options == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.0}
     with pytest.raises(ValueError, match="unknown setting"):
         build_config({"task": "translation", "no_such_setting": 1})
 

@@ -2,13 +2,14 @@
 whose README table can be checked against them."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from peft_nlg import cli
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
-from peft_nlg.report import END, START, load_records, main_table, report
+from peft_nlg.report import END, START, load_records, load_searches, main_table, report
 from peft_nlg.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,3 +311,14 @@ def test_gpu_times_measured_with_cudnn_attention_are_marked(tmp_path):
     assert rows["none"].count("(cuDNN attn.)") == 2  # training time and generation speed
     assert "cuDNN" not in rows["lora"]
     assert "Times marked (cuDNN attn.)" in (tmp_path / "rec" / "RESULTS.md").read_text()
+
+
+def test_archived_records_are_neither_reported_nor_searched(tmp_path):
+    """Runs of settings the study dropped stay in results/archive/ as evidence, out of the table and plots."""
+    archived = REPO / "results" / "archive"
+    assert list(archived.rglob("record-test-*.json")) and list(archived.rglob("lr_search.json"))
+    shutil.copytree(archived, tmp_path / "rec" / "archive")
+    assert load_records(tmp_path / "rec") == [] and load_searches(tmp_path / "rec") == []
+    shutil.copytree(archived / "2026-11-26-lora-dropout-0.05" / "translation", tmp_path / "rec" / "translation")
+    assert [r["method"] for r in load_records(tmp_path / "rec")] == ["lora"]  # the same files, not archived
+    assert [s["method"] for s in load_searches(tmp_path / "rec")] == ["lora"]
