@@ -16,6 +16,7 @@ from peft_nlg.data.io import atomic_write_text
 from peft_nlg.evaluation import ZERO_SHOT
 from peft_nlg.generation import DecodingSettings
 from peft_nlg.methods import METHODS
+from peft_nlg.runtime import attention_kernel_names
 from peft_nlg.targets import Outcome, check_targets, load_targets
 from peft_nlg.tasks import TASKS
 
@@ -144,7 +145,7 @@ def _with_cudnn_attention(stage: dict | None, record: dict) -> bool:
     """Whether a GPU time was measured while attention could use cuDNN's kernels: torch's default, and so
     the case of records that do not say, until 2026-11-27 (slower here, see ``runtime.attention_kernels``)."""
     on_gpu = bool(record.get("hardware", {}).get("gpu"))
-    return on_gpu and bool(stage) and "no cuDNN" not in (stage.get("attention_kernels") or "")
+    return on_gpu and bool(stage) and stage.get("attention_kernels") != attention_kernel_names(allow_cudnn=False)
 
 
 def _timed(value, stage: dict | None, record: dict, shared: int | None) -> str:
