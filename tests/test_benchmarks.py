@@ -30,3 +30,23 @@ def test_every_committed_result_renders_one_row_per_method(path):
         if "test_scores" in method.get("ours_equal", {}):  # the quality check is shown where it was measured
             scores = method["ours_equal"]["test_scores"]
             assert f"/ {scores['rougeL']:.2f} |" in row
+
+
+def test_saved_activations_count_what_the_backward_pass_keeps():
+    """A frozen linear layer keeps no input for its backward pass, a trained one keeps it: the measure behind the
+    memory comparison of methods (benchmarks/activation_memory.py)."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("activation_memory", ROOT / "benchmarks" / "activation_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    layer = torch.nn.Linear(64, 64, bias=False)
+    x = torch.randn(32, 64, requires_grad=True)  # an activation coming from earlier layers
+
+    def keeps(requires_grad: bool) -> dict:
+        layer.weight.requires_grad_(requires_grad)
+        return module.saved_for_backward(layer, lambda: layer(x))
+
+    assert keeps(True) == {"parameters": 64 * 64 * 4, "activations": 32 * 64 * 4}
+    assert keeps(False) == {"parameters": 64 * 64 * 4, "activations": 0}
+    assert module.parse_variant("lora:lora_dropout=0.05;r=8") == ("lora", {"lora_dropout": 0.05, "r": 8})
