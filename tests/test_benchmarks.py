@@ -10,11 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
 
 
-def _speed_module():
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
+def _benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _speed_module():
+    return _benchmark_module("speed")
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
@@ -37,9 +41,7 @@ def test_saved_activations_count_what_the_backward_pass_keeps():
     memory comparison of methods (benchmarks/activation_memory.py)."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("activation_memory", ROOT / "benchmarks" / "activation_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark_module("activation_memory")
     layer = torch.nn.Linear(64, 64, bias=False)
     x = torch.randn(32, 64, requires_grad=True)  # an activation coming from earlier layers
 
@@ -50,3 +52,13 @@ def test_saved_activations_count_what_the_backward_pass_keeps():
     assert keeps(True) == {"parameters": 64 * 64 * 4, "activations": 32 * 64 * 4}
     assert keeps(False) == {"parameters": 64 * 64 * 4, "activations": 0}
     assert module.parse_variant("lora:lora_dropout=0.05;r=8") == ("lora", {"lora_dropout": 0.05, "r": 8})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "results" / "activations").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_committed_activation_counts_render_one_row_each(path):
+    module = _benchmark_module("activation_memory")
+    results = json.loads(path.read_text())
+    rows = module.markdown_table(results).splitlines()[2:]
+    assert len(rows) == len(results["rows"]) > 0
+    assert all(f"| {r['method']} |" in row for r, row in zip(results["rows"], rows, strict=True))
