@@ -37,7 +37,7 @@ from peft_nlg.runtime import hardware, load_for_training, package_versions
 MIB = 2**20
 
 
-def saved_for_backward(model: torch.nn.Module, forward: Callable[[], object]) -> dict:
+def saved_for_backward(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> dict:
     """Bytes of the storages autograd saves while ``forward()`` runs, the model's parameters apart from the
     rest; each storage counted once, however many views of it are saved."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -115,7 +115,7 @@ def main() -> int:
                "target_tokens": n_targets, "activations_mib": round(sizes["activations"] / MIB, 1),
                "activations_mib_per_1k_tokens": round(sizes["activations"] / MIB * 1000 / n_real, 1),
                "parameters_read_mib": round(sizes["parameters"] / MIB, 1)}
-        del loaded, batch  # one model and its saved tensors at a time
+        del loaded, batch  # one model in memory at a time
         gc.collect()
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
