@@ -123,6 +123,8 @@ def test_grid_command_line_and_decoding_search(tiny_models, tiny_data, tmp_path)
     assert report(tmp_path / "rec", readme=readme) == 0
     results_md = (tmp_path / "rec" / "RESULTS.md").read_text()
     assert "## Decoding search" in results_md and f"**{searched['chosen_name']}: rougeL " in results_md
+    # the original's shape: every method's row, empty cells where no run exists yet
+    assert "| LoRA | – | – | – |" in readme.read_text() and "| IA3 | – | – | – |" in readme.read_text()
 
 
 def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tmp_path):
