@@ -235,22 +235,21 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
     prompts = [r["src"] for r in test_rows[:n_gen]]
-    for search in ("greedy", "beam"):
-        # no n-gram blocking: the recipe has none, and equal work needs every prompt to run to the limit
-        settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search, no_repeat_ngram=0)
+
+    def timed_generation(settings) -> dict:
         # warm-up (kernel loading, allocator growth) outside the timing, for both recipes, as in training
         generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts[:8],
                  dataclasses.replace(settings, max_new_tokens=4), dev, dtype, show_progress=False)
-        _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
-                            show_progress=False)
-        row[f"ours_gen_{search}"] = stats
+        return generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
+                        show_progress=False)[1]
+
+    for search in ("greedy", "beam"):
+        # no n-gram blocking: the recipe has none, and equal work needs every prompt to run to the limit
+        settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search, no_repeat_ngram=0)
+        row[f"ours_gen_{search}"] = timed_generation(settings)
         if search == "greedy" and args.cudnn_attention_too:
-            with_cudnn = dataclasses.replace(settings, cudnn_attention=True)
-            generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts[:8],
-                     dataclasses.replace(with_cudnn, max_new_tokens=4), dev, dtype, show_progress=False)
-            _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, with_cudnn, dev, dtype,
-                                show_progress=False)
-            row["ours_gen_greedy_cudnn_attention"] = stats
+            row["ours_gen_greedy_cudnn_attention"] = timed_generation(
+                dataclasses.replace(settings, cudnn_attention=True))
     if name in ("none", "lora"):  # the recipe times generation for these two only
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
