@@ -6,53 +6,63 @@
 # Before it: the GGUF parts in /tmp/parts (earlier calls), .whl and .dev/gguf carried on this call.
 # Records go to $OUT/records.tgz, refreshed every 20 s, so a call cut off at its limit still returns
 # every finished run; unpack it over the checkout's results/ and commit.
-# On a GPU it first profiles 3 training steps of full fine-tuning and of LoRA ($OUT/profile-*.txt;
-# PROFILE=0 skips this).
+# On a GPU it first profiles 3 training steps of full fine-tuning and of LoRA (PROFILE=0 skips this);
+# ATTENTION_AB=1 also compares attention kernels. At most 8 files come back from $OUT, so only four go there: gpu.txt, records.tgz,
+# attention-ab.txt and logs.tgz (grid.log, the profiles, every run's log); everything else is written to $logs.
 set -euo pipefail
 limit=${1:?usage: grid_slot.sh SECONDS [grid options...]}
 shift
 started=$(date +%s)
 source scripts/device/prepare.sh
+logs=/tmp/slot-logs
+rm -rf "$logs" && mkdir -p "$logs"
 if [ ! -f "$PEFT_NLG_CACHE/models/SmolLM2-135M-Instruct/model.safetensors" ]; then
   mkdir -p /tmp/parts && cp .dev/gguf/part-* /tmp/parts/ 2>/dev/null || true
   scripts/device/assemble_model.sh /tmp/parts "$(cat .dev/gguf/SHA256)"
 fi
 python3 -m peft_nlg.cli setup -task all
-if ! grep -q "no GPU" "$out/gpu.txt" && [ "${PROFILE:-1}" = 1 ]; then
+on_gpu() { ! grep -q "no GPU" "$out/gpu.txt"; }
+if on_gpu && [ "${PROFILE:-1}" = 1 ]; then
   # where a training step's time goes on this card (issue 4): 3 profiled steps each of full fine-tuning and
-  # LoRA at the grid's batch size, about 10 s each; PROFILE=0 skips this and the comparison below
+  # LoRA at the grid's batch size, about 10 s each
   for method in none lora; do
     python3 -m peft_nlg.cli train --task translation --method "$method" --output-dir "/tmp/profile-$method" \
       --overwrite --max-steps 9 --batch-tokens 16384 --max-valid-examples 16 --no-save-checkpoints \
-      --report-to none --profile-steps 3 >"$out/profile-$method.log" 2>&1 \
-      && cp "/tmp/profile-$method/profile.txt" "$out/profile-$method.txt" || true
+      --report-to none --profile-steps 3 >"$logs/profile-$method.log" 2>&1 \
+      && cp "/tmp/profile-$method/profile.txt" "$logs/profile-$method.txt" || true
   done
-  # what leaving cuDNN out of attention buys (runtime.attention_kernels), measured in this call, about 70 s:
-  # 40 training steps of each method at the grid's batch size and a zero-shot greedy test of 300 sentences,
-  # each without and with cuDNN; summary in $out/attention-ab.txt
+fi
+if on_gpu && [ "${ATTENTION_AB:-0}" = 1 ]; then
+  # what leaving cuDNN out of attention buys (runtime.attention_kernels), about 70 s: 40 training steps of each
+  # method at the grid's batch size and a zero-shot greedy test of 300 sentences, each without and with cuDNN;
+  # summary in $out/attention-ab.txt (measured 2026-11-27: benchmarks/results/attention/)
   for attention in no-cudnn-attention cudnn-attention; do
     for method in none lora; do
       python3 -m peft_nlg.cli train --task translation --method "$method" --output-dir "/tmp/ab-$method-$attention" \
         --overwrite --max-steps 40 --batch-tokens 16384 --max-valid-examples 16 --no-save-checkpoints \
-        --report-to none "--$attention" >"$out/ab-$method-$attention.log" 2>&1 || true
+        --report-to none "--$attention" >"$logs/ab-$method-$attention.log" 2>&1 || true
     done
     python3 -m peft_nlg.cli test --zero-shot --task translation --output-dir "/tmp/ab-zs-$attention" --overwrite \
-      --search greedy --max-test-examples 300 "--$attention" >"$out/ab-zs-$attention.log" 2>&1 || true
+      --search greedy --max-test-examples 300 "--$attention" >"$logs/ab-zs-$attention.log" 2>&1 || true
   done
   python3 scripts/device/attention_ab.py /tmp | tee "$out/attention-ab.txt" || true
 fi
 mkdir -p results
-snapshot() { tar czf "$out/records.tgz.partial" results && mv "$out/records.tgz.partial" "$out/records.tgz"; }
+# each archive is written beside and then renamed, so a call cut off mid-write still returns the previous one
+pack() { tar czf "$out/$1.partial" "${@:2}" && mv "$out/$1.partial" "$out/$1" || true; }
 # runs trained in worker processes (study.yaml: parallel) log to <work dir>/train.log; those come back too
-worker_logs() { (cd /tmp && find grid -name train.log 2>/dev/null | tar czf "$out/train-logs.tgz" -T -) || true; }
-(while sleep 20; do snapshot; worker_logs; done) &
+snapshot() {
+  pack records.tgz results
+  (cd /tmp && find grid -name train.log 2>/dev/null >"$logs/train-logs.txt"
+   pack logs.tgz slot-logs $(cat "$logs/train-logs.txt")) || true
+}
+(while sleep 20; do snapshot; done) &
 saver=$!
 set +e
 python3 -m peft_nlg.cli grid --records results --work-dir /tmp/grid \
-  --time-limit $((limit - ($(date +%s) - started))) "$@" 2>&1 | tee "$out/grid.log"
+  --time-limit $((limit - ($(date +%s) - started))) "$@" 2>&1 | tee "$logs/grid.log"
 status=${PIPESTATUS[0]}
 kill $saver 2>/dev/null
+python3 -m peft_nlg.cli grid --records results --plan "$@" | tail -1 | tee -a "$logs/grid.log"
 snapshot
-worker_logs
-python3 -m peft_nlg.cli grid --records results --plan "$@" | tail -1 | tee -a "$out/grid.log"
 exit "$status"
