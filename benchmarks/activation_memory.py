@@ -1,4 +1,5 @@
-"""What each method keeps for the backward pass: the memory claim of PEFT, measured without a GPU.
+"""What each method keeps for the backward pass, and how many ops a training step dispatches: the memory
+claim of PEFT, and the host's share of a GPU step, measured without a GPU.
 
 At the study's batch sizes a 135M model's peak training memory is mostly activations, the tensors autograd
 saves in the forward pass for the backward pass. This counts them exactly, for every method as the study
@@ -6,7 +7,9 @@ configures it (``defaults/methods.yaml``) and for variants given with ``--varian
 task, on a randomly initialised model of the embedded architecture loaded the way training loads it. Each
 saved storage is counted once and split into the model's own parameters (weights the backward pass reads,
 which exist anyway) and everything else (activations; in ``--precision bf16`` this includes the bf16 copies
-autocast makes of fp32 trained weights, about 0.26 GB for full fine-tuning). Prints a table, writes JSON.
+autocast makes of fp32 trained weights, about 0.26 GB for full fine-tuning). The same pass counts the ops it
+dispatches, forward and backward, views apart: on a GPU each is a kernel the host launches, and at the study's
+sizes a step of a small model waits on those launches (benchmarks/results/profiles/). Prints a table, writes JSON.
 
   python benchmarks/activation_memory.py --arch-dir ~/.cache/peft-nlg/models/SmolLM2-135M-Instruct \\
       --variant lora:lora_dropout=0.05 --out benchmarks/results/activations/DATE-fp32.json
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peft_nlg.batching import token_budget_batches, training_batch
@@ -37,9 +41,22 @@ from peft_nlg.runtime import hardware, load_for_training, package_versions
 MIB = 2**20
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the ops that reach the kernels, views (which launch none) apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
 def saved_for_backward(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> dict:
     """Bytes of the storages autograd saves while ``forward()`` runs, the model's parameters apart from the
-    rest; each storage counted once, however many views of it are saved."""
+    rest; each storage counted once, however many views of it are saved; and the ops the forward and backward
+    passes dispatch."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     sizes = {"parameters": 0, "activations": 0}
@@ -51,11 +68,13 @@ def saved_for_backward(model: torch.nn.Module, forward: Callable[[], torch.Tenso
             sizes["parameters" if storage.data_ptr() in parameter_storages else "activations"] += storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        output = forward()
-    # the backward pass releases what was saved (the loss's checkpointed chunks hold it until then)
-    output.sum().backward()
-    return sizes
+    ops = CountOps()
+    with ops:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            output = forward()
+        # the backward pass releases what was saved (the loss's checkpointed chunks hold it until then)
+        output.sum().backward()
+    return {**sizes, "ops": ops.ops}
 
 
 def training_forward(model: torch.nn.Module, batch: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +133,7 @@ def main() -> int:
         row = {"method": method, "options": config.method_options, "examples": len(chosen), "real_tokens": n_real,
                "target_tokens": n_targets, "activations_mib": round(sizes["activations"] / MIB, 1),
                "activations_mib_per_1k_tokens": round(sizes["activations"] / MIB * 1000 / n_real, 1),
-               "parameters_read_mib": round(sizes["parameters"] / MIB, 1)}
+               "parameters_read_mib": round(sizes["parameters"] / MIB, 1), "ops_per_step": sizes["ops"]}
         del loaded, batch  # one model in memory at a time
         gc.collect()
         results["rows"].append(row)
@@ -126,12 +145,13 @@ def main() -> int:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| method | options | real tokens | saved activations MiB | per 1k real tokens | parameters read MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | options | real tokens | saved activations MiB | per 1k real tokens | parameters read MiB "
+             "| ops per step |", "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         options = ", ".join(f"{k} {v}" for k, v in r["options"].items() if k != "target_modules") or "–"
         lines.append(f"| {r['method']} | {options} | {r['real_tokens']:,} | {r['activations_mib']:,.0f} | "
-                     f"{r['activations_mib_per_1k_tokens']:,.0f} | {r['parameters_read_mib']:,.0f} |")
+                     f"{r['activations_mib_per_1k_tokens']:,.0f} | {r['parameters_read_mib']:,.0f} | "
+                     f"{format(r['ops_per_step'], ',') if 'ops_per_step' in r else '–'} |")
     return "\n".join(lines)
 
 

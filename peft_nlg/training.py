@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -162,6 +163,16 @@ def validation_loss(model, batches, is_encoder_decoder: bool, accelerator: Accel
     return total / max(count, 1)
 
 
+def _accelerator(dev: torch.device, dtype: torch.dtype) -> Accelerator:
+    mixed_precision = "bf16" if dtype == torch.bfloat16 else "no"
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier is not None and earlier != mixed_precision:
+        # accelerate keeps one precision per process and refuses another; a later run in the same process (a
+        # script, a test suite) may ask for one. The process-wide device setup (PartialState) stays.
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision)
+
+
 def train(config: RunConfig) -> dict:
     with attention_kernels(config.cudnn_attention):
         return _train(config)
@@ -177,7 +188,7 @@ def _train(config: RunConfig) -> dict:
 
     dev = device()
     dtype = compute_dtype(config, dev)
-    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    accelerator = _accelerator(dev, dtype)
     dev = accelerator.device
     loaded = load_for_training(config, dev, dtype)
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family

@@ -37,8 +37,9 @@ def test_every_committed_result_renders_one_row_per_method(path):
 
 
 def test_saved_activations_count_what_the_backward_pass_keeps():
-    """A frozen linear layer keeps no input for its backward pass, a trained one keeps it: the measure behind the
-    memory comparison of methods (benchmarks/activation_memory.py)."""
+    """A frozen linear layer keeps no input for its backward pass, a trained one keeps it, and computes one
+    product more (its weight's gradient): the measures behind the comparison of methods
+    (benchmarks/activation_memory.py)."""
     import torch
 
     module = _benchmark_module("activation_memory")
@@ -46,11 +47,15 @@ def test_saved_activations_count_what_the_backward_pass_keeps():
     x = torch.randn(32, 64, requires_grad=True)  # an activation coming from earlier layers
 
     def keeps(requires_grad: bool) -> dict:
+        x.grad = layer.weight.grad = None  # no gradient to add to from an earlier call
         layer.weight.requires_grad_(requires_grad)
         return module.saved_for_backward(layer, lambda: layer(x))
 
-    assert keeps(True) == {"parameters": 64 * 64 * 4, "activations": 32 * 64 * 4}
-    assert keeps(False) == {"parameters": 64 * 64 * 4, "activations": 0}
+    trained, frozen = keeps(True), keeps(False)
+    assert {k: trained[k] for k in ("parameters", "activations")} == {"parameters": 64 * 64 * 4,
+                                                                      "activations": 32 * 64 * 4}
+    assert {k: frozen[k] for k in ("parameters", "activations")} == {"parameters": 64 * 64 * 4, "activations": 0}
+    assert trained["ops"] == frozen["ops"] + 1 and frozen["ops"] >= 3  # forward, sum, input's gradient
     assert module.parse_variant("lora:lora_dropout=0.05;r=8") == ("lora", {"lora_dropout": 0.05, "r": 8})
 
 

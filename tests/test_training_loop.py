@@ -1,15 +1,18 @@
-"""The training loop's plumbing for speed: which attention kernels runs may use, and batches built one step
-ahead still train every planned batch exactly once."""
+"""The training loop's plumbing for speed: which attention kernels runs may use, batches built one step ahead
+still train every planned batch exactly once, and adapters skip input casts that bf16 autocast undoes."""
 
 import json
 from collections import Counter
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_nlg import training
+from peft_nlg import runtime, training
 from peft_nlg.config import build_config
 from peft_nlg.data.io import read_pairs
 from peft_nlg.evaluation import decoding
+from peft_nlg.evaluation import test as run_test
 from peft_nlg.generation import generate
 from peft_nlg.runtime import load_for_training
 
@@ -82,3 +85,66 @@ def test_attention_kernels_exclude_cudnn_unless_asked(tiny_models, tmp_path, mon
         assert seen and set(seen) == {allow}, seen
         assert ("no cuDNN" in stats["attention_kernels"]) is not allow
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the setting does not leak out of a run
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _lora_step(model, batch) -> tuple[float, list, Counter]:
+    """One training forward and backward pass under bf16 autocast: loss, gradients, the ops it dispatched."""
+    counter = _CountOps()
+    with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+    return loss.item(), [p.grad for p in model.parameters() if p.requires_grad], counter.ops
+
+
+def test_adapters_skip_the_input_cast_that_bf16_autocast_undoes(tiny_models, tmp_path):
+    data = _data(tmp_path / "data", n_train=4)
+    config = _config(tiny_models["llama"], data, tmp_path / "run", precision="bf16")
+    cpu, batch = torch.device("cpu"), {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])}
+    runs = {}
+    for peft_default in (True, False):
+        torch.manual_seed(0)  # the same adapter initialisation both times
+        model = load_for_training(config, cpu, torch.bfloat16).model
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+        if peft_default:
+            for layer in layers:
+                layer.cast_input_dtype_enabled = True
+        runs[peft_default] = _lora_step(model, batch)
+    (loss, grads, ops), (loss_ours, grads_ours, ops_ours) = runs[True], runs[False]
+    assert loss == loss_ours and all(torch.equal(a, b) for a, b in zip(grads, grads_ours, strict=True))
+    # peft casts the input up (and its gradient back down), autocast casts it back down (and its gradient up);
+    # the first block's query, key and value projections read the frozen embeddings: no gradient casts there
+    saved = 4 * len(layers) - 2 * 3
+    assert ops["aten._to_copy"] - ops_ours["aten._to_copy"] == saved
+    assert sum(ops.values()) - sum(ops_ours.values()) == saved
+
+    fp32_model = load_for_training(build_config({**config.to_dict(), "precision": "fp32"}), cpu, torch.float32).model
+    assert all(m.cast_input_dtype_enabled for m in fp32_model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def test_lora_trains_and_tests_in_bf16_as_on_a_gpu(tiny_models, tmp_path, monkeypatch):
+    """The GPU's path on the CPU: a bf16 base under autocast with fp32 adapters, in training, validation and
+    test-mode generation (the test loads the base in bf16 as on a GPU)."""
+    data = _data(tmp_path / "data", n_train=4)
+    # a run in another precision earlier in the same process (accelerate keeps one per process unless reset)
+    training.train(_config(tiny_models["llama"], data, tmp_path / "fp32", precision="fp32", max_steps=1))
+    config = _config(tiny_models["llama"], data, tmp_path / "run", precision="bf16", max_steps=3, eval_every=1)
+    record = training.train(config)
+    assert record["compute_dtype"] == "bfloat16" and record["steps"] == 3
+    assert all(torch.isfinite(torch.tensor(h["valid_loss"])) for h in record["history"] if "valid_loss" in h)
+
+    monkeypatch.setattr(runtime, "_inference_dtype", lambda dev, dtype: dtype)
+    result = run_test(build_config({**config.to_dict(), "search": "greedy", "max_new_tokens": 4}))
+    loaded = runtime.load_trained(config.out, config, torch.device("cpu"), torch.bfloat16)
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16  # the base, as on a GPU
+    assert result["test_examples"] == 1 and result["generation"]["new_tokens"] > 0
