@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +103,9 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--variant", action="append", default=[], metavar="METHOD:KEY=VALUE;...",
                     help="one more row: a method with other options, e.g. lora:lora_dropout=0.05")
+    ap.add_argument("--peft-input-casts", action="store_true",
+                    help="keep peft's cast of each adapter's input to its weights' dtype (which training skips "
+                         "under bf16 autocast, runtime.skip_adapter_input_casts), to compare")
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -115,13 +119,17 @@ def main() -> int:
     rows = [(name, {}) for name in args.methods.split(",")] + [parse_variant(v) for v in args.variant]
     results = {"date": time.strftime("%Y-%m-%d"), "device": hardware(torch.device("cpu")),
                "versions": package_versions(), "task": args.task, "precision": args.precision,
-               "arch": str(args.arch_dir), "rows": []}
+               "arch": str(args.arch_dir), "peft_input_casts": args.peft_input_casts, "rows": []}
     for method, options in rows:
         overrides = {"task": args.task, "method": method, "model": str(work), "data_dir": args.data_dir}
         if options:
             overrides["method_options"] = options
         config = build_config(overrides)
         loaded = load_for_training(config, torch.device("cpu"), dtype)
+        if args.peft_input_casts:
+            for module in loaded.model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = True
         features = loaded.prompter.encode_many(examples)
         # the study's kind of batch (similar lengths, as many examples as fit the padded-token budget): the one
         # in the middle of the length order
