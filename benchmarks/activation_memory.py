@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -37,7 +36,7 @@ from peft_nlg.config import build_config
 from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.loss import summed_loss
 from peft_nlg.methods import METHODS
-from peft_nlg.runtime import hardware, load_for_training, package_versions
+from peft_nlg.runtime import hardware, load_for_training, package_versions, set_adapter_input_casts
 
 MIB = 2**20
 
@@ -127,9 +126,7 @@ def main() -> int:
         config = build_config(overrides)
         loaded = load_for_training(config, torch.device("cpu"), dtype)
         if args.peft_input_casts:
-            for module in loaded.model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.cast_input_dtype_enabled = True
+            set_adapter_input_casts(loaded.model, True)
         features = loaded.prompter.encode_many(examples)
         # the study's kind of batch (similar lengths, as many examples as fit the padded-token budget): the one
         # in the middle of the length order

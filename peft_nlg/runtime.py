@@ -95,11 +95,15 @@ def skip_adapter_input_casts(model: torch.nn.Module, dtype: torch.dtype) -> None
     layer and step (834 of the 13,514 ops of a forward and backward pass of the study's LoRA on SmolLM2-135M,
     counted on the CPU; the GPU launches a kernel for each). Every forward pass of this tool runs under autocast
     when ``dtype`` is bf16; one that did not would fail on mixed dtypes."""
-    if dtype == torch.float32:
-        return
+    if dtype != torch.float32:
+        set_adapter_input_casts(model, False)
+
+
+def set_adapter_input_casts(model: torch.nn.Module, enabled: bool) -> None:
+    """peft's own switch (as in peft.helpers.disable_input_dtype_casting), on every adapter layer."""
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False  # peft's own switch (peft.helpers.disable_input_dtype_casting)
+            module.cast_input_dtype_enabled = enabled
 
 
 @dataclass

@@ -117,8 +117,7 @@ def test_adapters_skip_the_input_cast_that_bf16_autocast_undoes(tiny_models, tmp
         layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         assert layers and not any(m.cast_input_dtype_enabled for m in layers)
         if peft_default:
-            for layer in layers:
-                layer.cast_input_dtype_enabled = True
+            runtime.set_adapter_input_casts(model, True)
         runs[peft_default] = _lora_step(model, batch)
     (loss, grads, ops), (loss_ours, grads_ours, ops_ours) = runs[True], runs[False]
     assert loss == loss_ours and all(torch.equal(a, b) for a, b in zip(grads, grads_ours, strict=True))

@@ -7,8 +7,9 @@
 # Records go to $OUT/records.tgz, refreshed every 20 s, so a call cut off at its limit still returns
 # every finished run; unpack it over the checkout's results/ and commit.
 # On a GPU it first profiles 3 training steps of full fine-tuning and of LoRA (PROFILE=0 skips this);
-# ATTENTION_AB=1 also compares attention kernels. At most 8 files come back from $OUT, so only four go there: gpu.txt, records.tgz,
-# attention-ab.txt and logs.tgz (grid.log, the profiles, every run's log); everything else is written to $logs.
+# ATTENTION_AB=1 also compares attention kernels. At most 8 files come back from $OUT, so only four go there:
+# gpu.txt, records.tgz, attention-ab.txt and logs.tgz (grid.log, the profiles, every run's log); the rest goes
+# to $logs.
 set -euo pipefail
 limit=${1:?usage: grid_slot.sh SECONDS [grid options...]}
 shift
