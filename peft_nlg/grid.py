@@ -47,7 +47,7 @@ VOLATILE = {"finished_at", "train_seconds", "train_tokens_per_s", "steady_tokens
 class GridSpec:
     tasks: list[str]
     methods: list[str]
-    lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    lr_factors: list[float] | dict[str, list[float]] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # or per task
     lr_extensions: int = 0                           # rates tried beyond the search's edge while an edge rate wins
     ladder: list[int] = field(default_factory=list)  # training-set sizes besides the full split
     token_budget: int | dict[str, int] = 0           # real training tokens per run, or per task (0: epochs decide)
@@ -64,7 +64,12 @@ class GridSpec:
 
     def learning_rates(self, task: str, method: str) -> list[float]:
         default_lr = build_config({**self.base_overrides(task), "method": method}).learning_rate
-        return [float(f"{default_lr * factor:.3g}") for factor in self.lr_factors]
+        factors = self.lr_factors
+        if isinstance(factors, dict):
+            if task not in factors:
+                raise ValueError(f"lr_factors has no entry for task '{task}' (it has {', '.join(sorted(factors))})")
+            factors = factors[task]
+        return [float(f"{default_lr * factor:.3g}") for factor in factors]
 
 
 class OutOfTime(Exception):
@@ -101,6 +106,11 @@ def study_defaults() -> dict:
     unknown = set(study) - {"token_budget", "lr_factors", "lr_extensions", "ladder", "parallel", "set"}
     if unknown:
         raise ValueError(f"defaults/study.yaml: unknown key(s) {', '.join(sorted(unknown))}")
+    factors = study.get("lr_factors")
+    for task, rates in (factors.items() if isinstance(factors, dict) else [("every task", factors)]):
+        valid = isinstance(rates, list) and len(rates) >= 2
+        if not (valid and all(isinstance(f, int | float) and f > 0 for f in rates)):
+            raise ValueError(f"defaults/study.yaml: lr_factors ({task}) must be a list of two or more factors > 0")
     extensions = study.setdefault("lr_extensions", 0)
     if not isinstance(extensions, int) or isinstance(extensions, bool) or extensions < 0:
         raise ValueError(f"defaults/study.yaml: lr_extensions must be a whole number >= 0, not {extensions!r}")

@@ -229,8 +229,9 @@ def results_markdown(records: list[dict], searches: list[dict]) -> str:
               targets_table(check_targets(chosen, load_targets())), ""]
     if searches:
         parts += ["## Learning-rate search", "",
-                  "Each method's default learning rate times the study's factors, the same token budget for "
-                  "all; the lowest validation loss (bold) was the only one tested.", "", search_table(searches), ""]
+                  "Each method's default learning rate times the study's factors for the task (the same for "
+                  "every method), the same token budget for all; the lowest validation loss (bold) was the only "
+                  "one tested.", "", search_table(searches), ""]
     decodings = decoding_table([r for r in chosen.values() if r.get("decoding_search")])
     if decodings:
         rules = sorted({r["decoding_search"]["rule"] for r in chosen.values()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from peft_nlg import cli
+from peft_nlg.config import build_config
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
 from peft_nlg.report import END, START, load_records, load_searches, main_table, report
 from peft_nlg.tasks import TASKS
@@ -191,13 +192,28 @@ def test_grid_extends_the_search_past_an_edge_winner(tiny_models, tiny_data, tmp
         name for name, finished in plan(spec, tmp_path / "rec") if not finished]
 
 
+def test_learning_rate_factors_may_differ_by_task():
+    from peft_nlg.grid import beyond_edge
+    spec = GridSpec(tasks=["translation", "dialogue"], methods=["lora"],
+                    lr_factors={"translation": [0.5, 1, 2], "dialogue": [1, 4, 16]})
+    default = build_config({"task": "dialogue", "method": "lora"}).learning_rate
+    assert spec.learning_rates("translation", "lora") == [float(f"{default * f:.3g}") for f in (0.5, 1, 2)]
+    dialogue = spec.learning_rates("dialogue", "lora")
+    assert dialogue == [float(f"{default * f:.3g}") for f in (1, 4, 16)]
+    # past the edge, the search steps on by its own spacing
+    assert beyond_edge(dict(zip(dialogue, (3.0, 2.9, 2.8), strict=True))) == float(f"{default * 64:.3g}")
+    with pytest.raises(ValueError, match="no entry for task 'summarization'"):
+        spec.learning_rates("summarization", "lora")
+
+
 def test_study_defaults_cover_every_task_and_are_valid_settings():
     from peft_nlg.config import build_config
     from peft_nlg.grid import study_defaults
     from peft_nlg.tasks import TASKS
     study = study_defaults()
     assert set(study["token_budget"]) == set(TASKS) and all(v > 0 for v in study["token_budget"].values())
-    assert 1.0 in study["lr_factors"] and len(study["lr_factors"]) >= 2  # the method's own default is tried
+    assert set(study["lr_factors"]) == set(TASKS)
+    assert all(1.0 in factors and len(factors) >= 2 for factors in study["lr_factors"].values())  # the default too
     for task in TASKS:
         build_config({**study["set"], "task": task})  # raises on an unknown setting
 
