@@ -36,6 +36,36 @@ def test_every_committed_result_renders_one_row_per_method(path):
             assert f"/ {scores['rougeL']:.2f} |" in row
 
 
+def test_a_method_whose_compiled_run_failed_keeps_its_row_and_says_so():
+    results = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-h200.json").read_text())
+    methods = results["methods"]
+    methods["none"]["ours_compiled"] = {"tokens_per_s": 150000.0}
+    methods["none"]["compile_speedup"] = 1.5
+    methods["lora"]["ours_compiled"] = {"error": "BackendCompilerFailed: triton"}
+    rows = _speed_module().markdown_table(results).splitlines()
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
+    assert rows[2].endswith("| 150,000 (1.5) |")
+    assert rows[3].endswith("| failed: BackendCompilerFailed: triton |")
+    assert rows[4].endswith("| – |")  # measured without --compile
+
+
+def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
+    speed = _speed_module()
+    whole = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-h200.json").read_text())
+    first, second = (dict(whole, methods={m: whole["methods"][m] for m in names})
+                     for names in (["none", "lora"], ["prefix_tuning", "p_tuning", "prompt_tuning"]))
+    merged = speed.merge_results([first, second], ["a.json", "b.json"])
+    assert merged["methods"] == whole["methods"]
+    assert merged["merged_from"]["lora"] == "a.json (2026-11-26)" and merged["merged_from"]["p_tuning"].startswith("b")
+    assert speed.markdown_table(merged) == speed.markdown_table(whole)
+
+    with pytest.raises(ValueError, match="b.json: lora, none measured in two"):
+        speed.merge_results([first, dict(second, methods=first["methods"])], ["a.json", "b.json"])
+    other_card = dict(second, device={**second["device"], "gpu": "NVIDIA H100"})
+    with pytest.raises(ValueError, match="b.json: measured with another device"):
+        speed.merge_results([first, other_card], ["a.json", "b.json"])
+
+
 def test_saved_activations_count_what_the_backward_pass_keeps():
     """A frozen linear layer keeps no input for its backward pass, a trained one keeps it, and computes one
     product more (its weight's gradient): the measures behind the comparison of methods

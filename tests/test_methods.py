@@ -270,3 +270,41 @@ def test_peak_memory_is_measured_per_run_not_per_process():
     del block
     reset_peak_memory(cpu)
     assert peak_memory_gb(cpu)["peak_memory_gb"] <= with_block - 0.9
+
+
+@pytest.mark.slow  # compiling takes 5-20 s per method on two CPU cores
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_blocks_are_whole_graphs_reused_across_batch_shapes(tiny_models, method):
+    """What compiled blocks must be to pay on a GPU: no graph breaks (each break is a return to Python and
+    separate kernels), no new graph for another batch shape (token-budget batches all differ), and the same
+    loss and gradients as eager mode."""
+    from torch._dynamo.utils import counters
+
+    from peft_nlg.models import compile_repeated_layers
+
+    def loss_and_grads(loaded, features):
+        batch, _, _ = training_batch(features, loaded.tokenizer.pad_token_id, False)
+        loss, n = summed_loss(loaded.model, batch, False)
+        (loss / n).backward()
+        grads = [p.grad.clone() for p in loaded.model.parameters() if p.requires_grad]
+        loaded.model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = (_perturbed(tiny_models["llama"], method) for _ in range(2))
+    for loaded in (eager, compiled):
+        loaded.model.train()
+    assert compile_repeated_layers(compiled.model) == 2
+    features = [compiled.prompter.encode(p) for p in PAIRS]
+    # three (batch, length) shapes; not a batch of one, which dynamo compiles once more (it specialises size 1)
+    shapes = [features, features[:2], features[1:]]
+    graphs_after_first = None
+    for part in shapes:
+        loss, grads = loss_and_grads(compiled, part)
+        expected_loss, expected_grads = loss_and_grads(eager, part)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads, expected_grads, rtol=1e-3, atol=1e-4)
+        graphs_after_first = graphs_after_first or counters["stats"]["unique_graphs"]
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert 1 <= counters["stats"]["unique_graphs"] == graphs_after_first

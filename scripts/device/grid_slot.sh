@@ -5,7 +5,8 @@
 #   run that would end after it; keep it a minute or two under the call's limit.
 # Before it: the GGUF parts in /tmp/parts (earlier calls), .whl and .dev/gguf carried on this call.
 # Records go to $OUT/records.tgz, refreshed every 20 s, so a call cut off at its limit still returns
-# every finished run; unpack it over the checkout's results/ and commit.
+# every finished run; unpack it over the checkout's results/ and commit. RECORDS=DIR keeps them in another
+# folder of the checkout (a side experiment, kept out of the study's table).
 # On a GPU it first profiles 3 training steps of full fine-tuning and of LoRA (PROFILE=0 skips this);
 # ATTENTION_AB=1 also compares attention kernels. At most 8 files come back from $OUT, so only four go there:
 # gpu.txt, records.tgz, attention-ab.txt and logs.tgz (grid.log, the profiles, every run's log); the rest goes
@@ -14,6 +15,9 @@ set -euo pipefail
 limit=${1:?usage: grid_slot.sh SECONDS [grid options...]}
 shift
 started=$(date +%s)
+records=${RECORDS:-results}
+work=grid  # under /tmp; a side experiment's runs get their own, so they never replace the study's models
+[ "$records" = results ] || work=grid-$(basename "$records")
 source scripts/device/prepare.sh
 logs=/tmp/slot-logs
 rm -rf "$logs" && mkdir -p "$logs"
@@ -48,22 +52,22 @@ if on_gpu && [ "${ATTENTION_AB:-0}" = 1 ]; then
   done
   python3 scripts/device/attention_ab.py /tmp | tee "$out/attention-ab.txt" || true
 fi
-mkdir -p results
+mkdir -p "$records"
 # each archive is written beside and then renamed, so a call cut off mid-write still returns the previous one
 pack() { tar czf "$out/$1.partial" "${@:2}" && mv "$out/$1.partial" "$out/$1" || true; }
 # runs trained in worker processes (study.yaml: parallel) log to <work dir>/train.log; those come back too
 snapshot() {
-  pack records.tgz results
-  (cd /tmp && find grid -name train.log 2>/dev/null >"$logs/train-logs.txt"
+  pack records.tgz "$records"
+  (cd /tmp && find "$work" -name train.log 2>/dev/null >"$logs/train-logs.txt"
    pack logs.tgz slot-logs $(cat "$logs/train-logs.txt")) || true
 }
 (while sleep 20; do snapshot; done) &
 saver=$!
 set +e
-python3 -m peft_nlg.cli grid --records results --work-dir /tmp/grid \
+python3 -m peft_nlg.cli grid --records "$records" --work-dir "/tmp/$work" \
   --time-limit $((limit - ($(date +%s) - started))) "$@" 2>&1 | tee "$logs/grid.log"
 status=${PIPESTATUS[0]}
 kill $saver 2>/dev/null
-python3 -m peft_nlg.cli grid --records results --plan "$@" | tail -1 | tee -a "$logs/grid.log"
+python3 -m peft_nlg.cli grid --records "$records" --plan "$@" | tail -1 | tee -a "$logs/grid.log"
 snapshot
 exit "$status"
