@@ -137,6 +137,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
             "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
             "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command",
             "concurrent_runs", "attention_kernels")}
+        | {"compiled": bool(train_record.get("config", {}).get("compile"))}  # its speed differs from eager runs'
         if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
         "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},

@@ -147,7 +147,8 @@ def _with_cudnn_attention(stage: dict | None, record: dict) -> bool:
 
 
 def _timed(value, stage: dict | None, record: dict, shared: int | None) -> str:
-    return _at_once(value, shared) + (" (cuDNN attn.)" if _with_cudnn_attention(stage, record) else "")
+    return (_at_once(value, shared) + (" (cuDNN attn.)" if _with_cudnn_attention(stage, record) else "")
+            + (" (compiled)" if (stage or {}).get("compiled") else ""))
 
 
 def detailed_table(records: list[dict]) -> str:
@@ -220,6 +221,9 @@ def results_markdown(records: list[dict], searches: list[dict]) -> str:
                   "and this tool's until 2026-11-27. cuDNN plans its attention anew for each new batch shape on "
                   "the host, so these runs trained and generated more slowly than later ones; compare them with "
                   "runs marked alike.", ""]
+    if any((r.get("train") or {}).get("compiled") for r in records):
+        parts += ["Training times marked (compiled): trained with compiled transformer blocks (`--compile`), which "
+                  "compute the same up to rounding at another speed; compare them with runs marked alike.", ""]
     if any(r.get("_superseded") for r in records):
         parts += ["Rows marked (superseded): the test of a rate its learning-rate search later replaced (the search "
                   "went on past its edge and found a lower validation loss); kept as evidence, not in the results "
@@ -276,6 +280,7 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
         metric = TASKS[task].main_metric
         # cuDNN attention sets a time apart only from runs without it: mark it where a panel has both
         attention_mix = len({_with_cudnn_attention(r["train"], r) for (_, t), r in trained.items() if t == task}) > 1
+        compile_mix = len({bool(r["train"].get("compiled")) for (_, t), r in trained.items() if t == task}) > 1
         for number, method in enumerate(METHODS):
             r, color = trained.get((method, task)), f"C{number}"  # one colour per method in every panel
             if r:
@@ -284,7 +289,8 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
                 # a time not comparable with a lone run under today's settings is drawn hollow
                 why = [note for note, applies in (
                     ("shared device", (r["train"].get("concurrent_runs") or 1) > 1),
-                    ("cuDNN attention", attention_mix and _with_cudnn_attention(r["train"], r))) if applies]
+                    ("cuDNN attention", attention_mix and _with_cudnn_attention(r["train"], r)),
+                    ("compiled", compile_mix and r["train"].get("compiled"))) if applies]
                 axes[1, column].scatter(r["train"]["train_seconds"], r["scores"][metric],
                                         label=ROW_TITLES[method] + (f" ({', '.join(why)})" if why else ""),
                                         facecolors="none" if why else color, edgecolors=color)

@@ -9,9 +9,11 @@ import pytest
 
 from peft_nlg import cli
 from peft_nlg.config import build_config
+from peft_nlg.evaluation import test as run_test
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
 from peft_nlg.report import END, START, load_records, load_searches, main_table, report
 from peft_nlg.tasks import TASKS
+from peft_nlg.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,6 +331,29 @@ def test_gpu_times_measured_with_cudnn_attention_are_marked(tmp_path):
     assert rows["none"].count("(cuDNN attn.)") == 2  # training time and generation speed
     assert "cuDNN" not in rows["lora"]
     assert "Times marked (cuDNN attn.)" in (tmp_path / "rec" / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow  # it compiles a tiny model's blocks (about 15 s on two CPU cores)
+def test_training_times_of_compiled_runs_are_marked(tmp_path, tiny_models, tiny_data):
+    """A test record says whether its model trained with compiled blocks, and the report marks those times."""
+    out = tmp_path / "run"
+    for compiled in (False, True):
+        config = build_config({"task": "dialogue", "method": "lora", "model": str(tiny_models["llama"]),
+                               "data_dir": str(tiny_data), "output_dir": str(out), "overwrite": True,
+                               "max_steps": 1, "report_to": "none", "compile": compiled, "max_new_tokens": 4})
+        train(config)
+        record = run_test(config)
+        assert record["train"]["compiled"] is compiled
+        run_dir = tmp_path / "rec" / "dialogue" / ("lora" if compiled else "none") / "lr0.001-nall"
+        run_dir.mkdir(parents=True)
+        (run_dir / "record-test-greedy.json").write_text(json.dumps({**record, "method": run_dir.parent.name}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    assert report(tmp_path / "rec", readme=readme) == 0
+    details = (tmp_path / "rec" / "RESULTS.md").read_text()
+    rows = {line.split(" | ")[1]: line for line in details.splitlines() if line.startswith("| dialogue |")}
+    assert rows["lora"].count("(compiled)") == 1 and "(compiled)" not in rows["none"]
+    assert "Training times marked (compiled)" in details
 
 
 def test_archived_records_are_neither_reported_nor_searched(tmp_path):
