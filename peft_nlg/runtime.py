@@ -92,9 +92,10 @@ def skip_adapter_input_casts(model: torch.nn.Module, dtype: torch.dtype) -> None
     """Under bf16 autocast, adapter layers (LoRA's) need not cast their bf16 input up to their fp32 weights'
     dtype: autocast casts it straight back down for the matrix product, so the round trip changes no number
     (with dropout 0; with dropout the mask is drawn on the bf16 input) and costs about four kernels per adapted
-    layer and step (834 of the 13,514 ops of a forward and backward pass of the study's LoRA on SmolLM2-135M,
-    counted on the CPU; the GPU launches a kernel for each). Every forward pass of this tool runs under autocast
-    when ``dtype`` is bf16; one that did not would fail on mixed dtypes."""
+    layer and step (834 of the 7,448 ops, views apart, of a forward and backward pass of the study's LoRA on
+    SmolLM2-135M, counted on the CPU by benchmarks/activation_memory.py; the GPU launches a kernel for each).
+    Every forward pass of this tool runs under autocast when ``dtype`` is bf16; one that did not would fail on
+    mixed dtypes."""
     if dtype != torch.float32:
         set_adapter_input_casts(model, False)
 
