@@ -42,7 +42,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         elif f.name == "method_options":

@@ -137,7 +137,8 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
             "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
             "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command",
             "concurrent_runs", "attention_kernels")}
-        | {"compiled": bool(train_record.get("config", {}).get("compile"))}  # its speed differs from eager runs'
+        # its speed differs from eager runs'; records before 2026-11-27 said it in the configuration only
+        | {"compiled": bool(train_record.get("compiled", train_record.get("config", {}).get("compile")))}
         if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
         "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},

@@ -190,6 +190,8 @@ class Method:
     build: Callable[[MethodContext, dict], PeftConfig] | None  # None: train every weight
     # which training features the method allows
     supports_gradient_checkpointing: bool = True
+    # whether every transformer block can run one shared compiled graph (models.compile_repeated_layers)
+    supports_compiled_blocks: bool = True
     # applied to the peft-wrapped model before it generates (version compatibility fixes)
     prepare_for_generation: Callable[[torch.nn.Module], None] | None = None
     # applied once to a freshly wrapped model before training (initialisation peft does not offer)
@@ -214,7 +216,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prefix_tuning", "Prefix Tuning",
            "trained key/value vectors prepended in every attention layer (Li & Liang, 2021)", _prefix_tuning,
            supports_gradient_checkpointing=False, prepare_for_generation=_route_prompt_through_cache,
-           initialize=_init_prefix_from_text),
+           initialize=_init_prefix_from_text,
+           # each block reads its own layer of the prefix cache by index, so the compiler builds one graph per
+           # block; past its limit of 8 it runs the rest eagerly: 0.98x eager on an H200, 38 s lost (2026-11-27)
+           supports_compiled_blocks=False),
     Method("p_tuning", "P-Tuning", "virtual prompt tokens produced by a small MLP encoder (Liu et al., 2021)",
            _p_tuning, prepare_for_generation=_soft_prompt_generation),
     Method("prompt_tuning", "Prompt Tuning",

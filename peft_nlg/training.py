@@ -24,10 +24,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from peft_nlg.batching import token_budget_batches, training_batch
-from peft_nlg.config import RunConfig, save_config
+from peft_nlg.config import COMPILE_MIN_STEPS, RunConfig, save_config
 from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.data.splits import fingerprint
 from peft_nlg.loss import summed_loss
+from peft_nlg.methods import Method
 from peft_nlg.models import compile_repeated_layers, count_parameters
 from peft_nlg.runtime import (
     StepProfiler,
@@ -173,6 +174,19 @@ def _accelerator(dev: torch.device, dtype: torch.dtype) -> Accelerator:
     return Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision)
 
 
+def use_compiled_blocks(config: RunConfig, method: Method, dev: torch.device, steps: int) -> tuple[bool, str]:
+    """Whether training compiles the transformer blocks, and why (printed and recorded)."""
+    if not method.supports_compiled_blocks:
+        return False, f"{method.name}'s blocks cannot share one compiled graph"
+    if config.compile is not None:
+        return config.compile, "--compile" if config.compile else "--no-compile"
+    if dev.type != "cuda":
+        return False, "default: not on a CPU"
+    if steps < COMPILE_MIN_STEPS:
+        return False, f"default: {steps} steps, fewer than the {COMPILE_MIN_STEPS} where compiling pays"
+    return True, f"default: {steps} steps on a GPU"
+
+
 def train(config: RunConfig) -> dict:
     with attention_kernels(config.cudnn_attention):
         return _train(config)
@@ -194,8 +208,6 @@ def _train(config: RunConfig) -> dict:
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     if config.gradient_checkpointing and loaded.method.supports_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.compile:
-        compile_repeated_layers(model)
     trainable, total = count_parameters(model)
     sizes = config.resolved_sizes(dev.type == "cuda")
 
@@ -237,6 +249,10 @@ def _train(config: RunConfig) -> dict:
         tokens_per_epoch = sum(train_lengths)
         total_steps = min(total_steps, math.ceil(config.train_token_budget * steps_per_epoch / tokens_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
+    compiled, compile_reason = use_compiled_blocks(config, loaded.method, dev, total_steps)
+    if compiled:
+        compile_repeated_layers(model)
+    accelerator.print(f"compiled blocks: {'on' if compiled else 'off'} ({compile_reason})")
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -360,6 +376,7 @@ def _train(config: RunConfig) -> dict:
         "best_valid_loss": state["best_valid_loss"], "best_step": state.get("best_step"),
         "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
         "attention_kernels": attention_kernel_names(config.cudnn_attention),
+        "compiled": compiled, "compiled_reason": compile_reason,
         **peak_memory_gb(dev),
         "model_size_bytes": dir_size_bytes(out / "model"),
         "data_fingerprints": data_fingerprints,

@@ -42,11 +42,13 @@ def test_a_method_whose_compiled_run_failed_keeps_its_row_and_says_so():
     methods["none"]["ours_compiled"] = {"tokens_per_s": 150000.0}
     methods["none"]["compile_speedup"] = 1.5
     methods["lora"]["ours_compiled"] = {"error": "BackendCompilerFailed: triton"}
+    methods["p_tuning"]["ours_compiled"] = {"skipped": "its blocks cannot share one compiled graph"}
     rows = _speed_module().markdown_table(results).splitlines()
     assert all(row.count("|") == rows[0].count("|") for row in rows)
-    assert rows[2].endswith("| 150,000 (1.5) |")
+    assert rows[2].endswith(f"| 150,000 (**{150000 / methods['none']['baseline']['tokens_per_s']:.2f}**, 1.5) |")
     assert rows[3].endswith("| failed: BackendCompilerFailed: triton |")
     assert rows[4].endswith("| – |")  # measured without --compile
+    assert rows[5].endswith("| not run: its blocks cannot share one compiled graph |")
 
 
 def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):

@@ -151,7 +151,7 @@ def test_tensorboard_logs_are_written(tiny_models, tiny_data, tmp_path):
 
 
 @pytest.mark.slow  # compiling takes about a minute per architecture on two CPU cores
-@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("t5", "prefix_tuning")])
+@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("t5", "ia3")])
 def test_compiled_blocks_train_like_eager(tiny_models, tiny_data, tmp_path, arch, method):
     runs = {}
     for compiled in (False, True):
@@ -159,6 +159,7 @@ def test_compiled_blocks_train_like_eager(tiny_models, tiny_data, tmp_path, arch
         assert _run(*_train_args(tiny_models[arch], tiny_data, out, TASK_FOR_ARCH[arch], method,
                                  "--compile" if compiled else "--no-compile", "--max-steps", 4)) == 0
         runs[compiled] = json.loads((out / "train_record.json").read_text())
+        assert runs[compiled]["compiled"] is compiled
     eager, compiled = runs[False]["history"], runs[True]["history"]
     assert [h["step"] for h in eager] == [h["step"] for h in compiled]
     for a, b in zip(eager, compiled, strict=True):
@@ -230,3 +231,30 @@ def test_device_busy_time_counts_each_kernel_once():
             row("nvjet_sm90_tst_192x192", 61.1, DeviceType.CUDA), row("elementwise_kernel", 232.0, DeviceType.CUDA),
             row("Memcpy DtoD (Device -> Device)", 4.0, DeviceType.CUDA), row("ProfilerStep#6", 0.0, DeviceType.CPU)]
     assert device_busy_seconds(rows) == pytest.approx(0.2971)
+
+
+def test_compiled_blocks_by_default_only_for_long_gpu_runs_and_never_where_blocks_cannot_share_a_graph():
+    from peft_nlg.config import COMPILE_MIN_STEPS
+    from peft_nlg.training import use_compiled_blocks
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
+    lora, prefix = METHODS["lora"], METHODS["prefix_tuning"]
+    unset = build_config({"method": "lora"})
+    assert unset.compile is None
+    assert use_compiled_blocks(unset, lora, gpu, COMPILE_MIN_STEPS)[0] is True
+    assert use_compiled_blocks(unset, lora, gpu, COMPILE_MIN_STEPS - 1)[0] is False
+    assert use_compiled_blocks(unset, lora, cpu, 10 * COMPILE_MIN_STEPS)[0] is False
+    for asked in (True, False):
+        config = build_config({"method": "lora", "compile": asked})
+        assert use_compiled_blocks(config, lora, cpu, 1) == (asked, "--compile" if asked else "--no-compile")
+    on, reason = use_compiled_blocks(build_config({"method": "prefix_tuning", "compile": True}), prefix, gpu, 10**4)
+    assert on is False and "cannot share one compiled graph" in reason
+
+
+def test_a_run_records_whether_it_trained_compiled_and_why(tiny_models, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(*_train_args(tiny_models["llama"], tiny_data, out, "translation", "prefix_tuning", "--compile")) == 0
+    record = json.loads((out / "train_record.json").read_text())
+    assert record["compiled"] is False and record["compiled_reason"] == (
+        "prefix_tuning's blocks cannot share one compiled graph")
+    assert "compiled blocks: off (prefix_tuning's blocks cannot share one compiled graph)" in capsys.readouterr().out

@@ -59,10 +59,10 @@ def make_tokenizer(decoder_only: bool) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_model(arch: str, vocab_size: int) -> torch.nn.Module:
+def make_model(arch: str, vocab_size: int, layers: int = 2) -> torch.nn.Module:
     common_s2s = dict(vocab_size=vocab_size, pad_token_id=PAD, eos_token_id=EOS_S2S, decoder_start_token_id=PAD)
     if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              bos_token_id=IM_START, eos_token_id=IM_END, pad_token_id=ENDOFTEXT,
                              tie_word_embeddings=True, initializer_range=0.2)
@@ -82,10 +82,10 @@ def make_model(arch: str, vocab_size: int) -> torch.nn.Module:
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(arch: str, directory: Path, seed: int = 0, layers: int = 2) -> Path:
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(decoder_only=arch == "llama")
-    model = make_model(arch, len(tokenizer))
+    model = make_model(arch, len(tokenizer), layers)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         decoder_start_token_id=None if arch == "llama" else PAD)
