@@ -46,7 +46,7 @@ from peft_nlg.generation import generate
 from peft_nlg.methods import get_method
 from peft_nlg.runtime import device, hardware, load_for_training, load_trained, package_versions, reset_peak_memory
 from peft_nlg.tasks import TASKS
-from peft_nlg.training import train
+from peft_nlg.training import train, use_compiled_blocks
 
 METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
 
@@ -282,10 +282,11 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     row["ours"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
                    "tokens_per_step": round(record["train_tokens"] / record["steps"]),
                    "trainable_params": record["trainable_params"]}
-    if args.compile and not get_method(name).supports_compiled_blocks:
-        row["ours_compiled"] = {"skipped": "its blocks cannot share one compiled graph (methods.py)"}
+    compiled = dataclasses.replace(default, compile=True, output_dir=str(work / name / "compiled"))
+    will_compile, why_not = use_compiled_blocks(compiled, get_method(name), dev, our_steps)
+    if args.compile and not will_compile:
+        row["ours_compiled"] = {"skipped": why_not}
     elif args.compile:  # the same run with compiled blocks: its first steps (compilation) fall in the warm-up
-        compiled = dataclasses.replace(default, compile=True, output_dir=str(work / name / "compiled"))
         try:
             record = train(compiled)
         except Exception as err:  # a compiler failure on this card must not cost the method's other numbers
