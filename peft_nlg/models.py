@@ -23,6 +23,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +162,17 @@ def freeze_fixed_tables(model: torch.nn.Module) -> None:
 def compile_repeated_layers(model: torch.nn.Module) -> int:
     """torch.compile each transformer block in place; returns how many were compiled.
 
-    Blocks are found by the classes the model itself declares as its repeated units (``_no_split_modules``),
-    so this needs no per-architecture names. Compiling blocks, not the whole model, keeps compile time to
-    one block's graph, leaves generate's Python control flow alone, and fuses the norms, rotary embedding,
-    activations and casts that dominate a small model's step in eager mode. Shapes are dynamic because
-    token-budget batches vary in length and size.
+    Blocks are the layers transformers lets checkpoint one by one (``GradientCheckpointingLayer``: Llama, T5,
+    Marian and BlenderbotSmall alike) or that the model declares as its repeated units (``_no_split_modules``;
+    Marian and BlenderbotSmall declare none), so this needs no per-architecture names. Compiling blocks, not the
+    whole model, keeps compile time to one block's graph, leaves generate's Python control flow alone, and fuses
+    the norms, rotary embedding, activations and casts that dominate a small model's step in eager mode. Shapes
+    are dynamic because token-budget batches vary in length and size.
     """
     owner = model.get_base_model() if hasattr(model, "get_base_model") else model
     block_names = set(getattr(owner, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    blocks = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) or type(m).__name__ in block_names]
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)

@@ -250,8 +250,8 @@ def _train(config: RunConfig) -> dict:
         total_steps = min(total_steps, math.ceil(config.train_token_budget * steps_per_epoch / tokens_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
     compiled, compile_reason = use_compiled_blocks(config, loaded.method, dev, total_steps)
-    if compiled:
-        compile_repeated_layers(model)
+    if compiled and not compile_repeated_layers(model):
+        compiled, compile_reason = False, "the model has no transformer blocks that torch.compile could take"
     accelerator.print(f"compiled blocks: {'on' if compiled else 'off'} ({compile_reason})")
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -151,7 +151,7 @@ def test_tensorboard_logs_are_written(tiny_models, tiny_data, tmp_path):
 
 
 @pytest.mark.slow  # compiling takes about a minute per architecture on two CPU cores
-@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("t5", "ia3")])
+@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("t5", "ia3"), ("marian", "prompt_tuning")])
 def test_compiled_blocks_train_like_eager(tiny_models, tiny_data, tmp_path, arch, method):
     runs = {}
     for compiled in (False, True):
@@ -168,7 +168,7 @@ def test_compiled_blocks_train_like_eager(tiny_models, tiny_data, tmp_path, arch
 
     config = build_config({"task": TASK_FOR_ARCH[arch], "method": method, "model": str(tiny_models[arch])})
     model = load_for_training(config, torch.device("cpu"), torch.float32).model
-    expected = {"llama": 2, "t5": 4}[arch]  # the tiny configs' blocks (T5: encoder + decoder)
+    expected = {"llama": 2, "t5": 4, "marian": 4}[arch]  # the tiny configs' blocks (encoder + decoder)
     assert compile_repeated_layers(model) == expected
 
 

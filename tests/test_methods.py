@@ -338,6 +338,31 @@ def test_compiled_blocks_are_whole_graphs_reused_across_batch_shapes(three_block
     assert 1 <= counters["stats"]["unique_graphs"] == graphs_after_first <= 2
 
 
+@pytest.mark.slow  # it compiles each model's blocks twice (about 30 s per architecture on two CPU cores)
+@pytest.mark.parametrize("arch", ["t5", "marian"])
+def test_encoder_decoder_blocks_compile_to_as_many_graphs_whatever_the_depth(tmp_path, arch):
+    """Encoder and decoder blocks differ, and a first block may differ from the rest, but a deeper model must not
+    need more graphs: dynamo's limit of 8 per block class would leave the rest eager (as for prefix tuning)."""
+    from tiny_models import save_tiny_model
+    from torch._dynamo.utils import counters
+
+    from peft_nlg.models import compile_repeated_layers
+
+    graphs = {}
+    for layers in (3, 6):
+        torch._dynamo.reset()
+        counters.clear()
+        loaded = _loaded(save_tiny_model(arch, tmp_path / f"{arch}-{layers}", layers=layers), "lora")
+        loaded.model.train()
+        assert compile_repeated_layers(loaded.model) == 2 * layers
+        batch = collate([loaded.prompter.encode(p) for p in PAIRS], loaded.tokenizer.pad_token_id)
+        loss, n = summed_loss(loaded.model, batch, True)
+        (loss / n).backward()
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        graphs[layers] = counters["stats"]["unique_graphs"]
+    assert graphs[3] == graphs[6] <= 4, graphs
+
+
 @pytest.mark.slow  # it compiles three graphs (about 20 s on two CPU cores)
 @pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].supports_compiled_blocks])
 def test_methods_said_not_to_share_a_compiled_block_graph_still_do_not(three_block_llama, method):

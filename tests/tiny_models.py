@@ -68,11 +68,11 @@ def make_model(arch: str, vocab_size: int, layers: int = 2) -> torch.nn.Module:
                              tie_word_embeddings=True, initializer_range=0.2)
         return LlamaForCausalLM(config)
     if arch == "t5":
-        config = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, dropout_rate=0.0, **common_s2s,
+        config = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=layers, num_heads=4, dropout_rate=0.0, **common_s2s,
                           task_specific_params={"translation_en_to_de": {"prefix": "translate English to German: "},
                                                 "summarization": {"prefix": "summarize: "}})
         return T5ForConditionalGeneration(config)
-    bart_like = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    bart_like = dict(d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                      max_position_embeddings=512, dropout=0.0, attention_dropout=0.0, init_std=0.2, **common_s2s)
     if arch == "marian":
