@@ -338,28 +338,36 @@ def test_compiled_blocks_are_whole_graphs_reused_across_batch_shapes(three_block
     assert 1 <= counters["stats"]["unique_graphs"] == graphs_after_first <= 2
 
 
+def _compiled_step(loaded) -> tuple[int, int, int]:
+    """Compile a fresh model's blocks and train one step: (blocks compiled, graphs, graph breaks)."""
+    from torch._dynamo.utils import counters
+
+    from peft_nlg.models import compile_repeated_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    loaded.model.train()
+    blocks = compile_repeated_layers(loaded.model)
+    encoder_decoder = loaded.family.is_encoder_decoder
+    batch, _, _ = training_batch([loaded.prompter.encode(p) for p in PAIRS], loaded.tokenizer.pad_token_id,
+                                 encoder_decoder)
+    loss, n = summed_loss(loaded.model, batch, encoder_decoder)
+    (loss / n).backward()
+    return blocks, counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 @pytest.mark.slow  # it compiles each model's blocks twice (about 30 s per architecture on two CPU cores)
 @pytest.mark.parametrize("arch", ["t5", "marian"])
 def test_encoder_decoder_blocks_compile_to_as_many_graphs_whatever_the_depth(tmp_path, arch):
     """Encoder and decoder blocks differ, and a first block may differ from the rest, but a deeper model must not
     need more graphs: dynamo's limit of 8 per block class would leave the rest eager (as for prefix tuning)."""
     from tiny_models import save_tiny_model
-    from torch._dynamo.utils import counters
-
-    from peft_nlg.models import compile_repeated_layers
 
     graphs = {}
     for layers in (3, 6):
-        torch._dynamo.reset()
-        counters.clear()
-        loaded = _loaded(save_tiny_model(arch, tmp_path / f"{arch}-{layers}", layers=layers), "lora")
-        loaded.model.train()
-        assert compile_repeated_layers(loaded.model) == 2 * layers
-        batch = collate([loaded.prompter.encode(p) for p in PAIRS], loaded.tokenizer.pad_token_id)
-        loss, n = summed_loss(loaded.model, batch, True)
-        (loss / n).backward()
-        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-        graphs[layers] = counters["stats"]["unique_graphs"]
+        blocks, graphs[layers], breaks = _compiled_step(
+            _loaded(save_tiny_model(arch, tmp_path / f"{arch}-{layers}", layers=layers), "lora"))
+        assert blocks == 2 * layers and breaks == 0
     assert graphs[3] == graphs[6] <= 4, graphs
 
 
@@ -369,16 +377,5 @@ def test_methods_said_not_to_share_a_compiled_block_graph_still_do_not(three_blo
     """The registry's reason for training these methods eagerly whatever --compile says: their blocks compile to a
     graph each (prefix tuning: each block reads its own layer of the prefix cache by index). When a new
     transformers or torch lets them share one, this fails, and the flag can go."""
-    from torch._dynamo.utils import counters
-
-    from peft_nlg.models import compile_repeated_layers
-
-    torch._dynamo.reset()
-    counters.clear()
-    loaded = _loaded(three_block_llama, method)
-    loaded.model.train()
-    assert compile_repeated_layers(loaded.model) == 3
-    batch, _, _ = training_batch([loaded.prompter.encode(p) for p in PAIRS], loaded.tokenizer.pad_token_id, False)
-    loss, n = summed_loss(loaded.model, batch, False)
-    (loss / n).backward()
-    assert counters["stats"]["unique_graphs"] == 3
+    blocks, graphs, _ = _compiled_step(_loaded(three_block_llama, method))
+    assert blocks == 3 and graphs == 3
