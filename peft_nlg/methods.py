@@ -6,6 +6,7 @@ Every method-specific decision lives in this file. Defaults for each method's op
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,7 +156,10 @@ def _soft_prompt_generation(model: torch.nn.Module) -> None:
     peft_prepare = model.prepare_inputs_for_generation
 
     def with_mask_positions(*args, **kwargs):
-        inputs = peft_prepare(*args, **kwargs)
+        with warnings.catch_warnings():
+            # peft warns that it drops the base model's positions; the ones set below replace them
+            warnings.filterwarnings("ignore", message="Position ids are not supported")
+            inputs = peft_prepare(*args, **kwargs)
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             embeds = inputs.get("inputs_embeds")

@@ -7,7 +7,8 @@
 # Records go to $OUT/records.tgz, refreshed every 20 s, so a call cut off at its limit still returns
 # every finished run; unpack it over the checkout's results/ and commit. RECORDS=DIR keeps them in another
 # folder of the checkout (a side experiment, kept out of the study's table).
-# On a GPU it first profiles 3 training steps of full fine-tuning and of LoRA (PROFILE=0 skips this);
+# PROFILE=1 first profiles 3 training steps of full fine-tuning and of LoRA on a GPU (about 20 s; off by default
+# since two sessions' profiles are in, leaving the slot to the grid);
 # ATTENTION_AB=1 also compares attention kernels. At most 8 files come back from $OUT, so only four go there:
 # gpu.txt, records.tgz, attention-ab.txt and logs.tgz (grid.log, the profiles, every run's log); the rest goes
 # to $logs.
@@ -27,7 +28,7 @@ if [ ! -f "$PEFT_NLG_CACHE/models/SmolLM2-135M-Instruct/model.safetensors" ]; th
 fi
 python3 -m peft_nlg.cli setup -task all
 on_gpu() { ! grep -q "no GPU" "$out/gpu.txt"; }
-if on_gpu && [ "${PROFILE:-1}" = 1 ]; then
+if on_gpu && [ "${PROFILE:-0}" = 1 ]; then
   # where a training step's time goes on this card (issue 4): 3 profiled steps each of full fine-tuning and
   # LoRA at the grid's batch size, about 10 s each
   for method in none lora; do
