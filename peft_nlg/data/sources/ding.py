@@ -5,6 +5,10 @@ sub-entries separated by `` | ``, and a sub-entry lists alternatives with ``;``,
 notes in ``[…]`` and comments in ``(…)``. Most sub-entries are words and phrases; a few are whole example
 sentences ("Ich platze vor Neugier. :: I'm bursting with curiosity."). Only clean pairs are kept: both sides
 look like one full sentence and carry no alternatives, annotations, placeholders or ellipses.
+
+Known defect, left in: a few dictionary entries have the languages the wrong way round (German on the English
+side). A stop-word count found 2 such pairs in the committed train split and 1 in the test split (2026-11-27);
+they stay, because removing them would change the splits the study's records were scored on.
 """
 
 from __future__ import annotations
