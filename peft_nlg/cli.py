@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--work-dir", default="runs/grid", help="where models and checkpoints go")
     grid.add_argument("--set", action="append", default=[], type=_parse_options, metavar="KEY=VALUE,...",
                       help="any run setting for every run, on top of the study's, e.g. --set max_test_examples=200")
+    grid.add_argument("--method-options", type=_parse_options, metavar="KEY=VALUE,...",
+                      help="peft options for the one method in --methods, e.g. r=64,lora_alpha=128 (a side "
+                           "experiment: give it its own --records)")
     report = sub.add_parser("report", help="tables and plots from run records")
     report.add_argument("--records", default="results", help="folder of committed run records")
     report.add_argument("--readme", default="README.md")
@@ -202,7 +205,12 @@ def _grid(args: argparse.Namespace) -> int:
     extensions = args.lr_extensions if args.lr_extensions is not None else study.get("lr_extensions", 0)
     ladder = [int(x) for x in args.ladder.split(",") if x.strip()] if args.ladder is not None else study["ladder"]
     budget = args.token_budget if args.token_budget is not None else study.get("token_budget", 0)
-    spec = GridSpec(tasks=names(args.tasks, TASKS), methods=[get_method(m).name for m in names(args.methods, METHODS)],
+    methods = [get_method(m).name for m in names(args.methods, METHODS)]
+    if args.method_options and len(methods) != 1:
+        raise ValueError(f"--method-options needs exactly one method in --methods (options are per method), "
+                         f"not {len(methods)}")
+    spec = GridSpec(tasks=names(args.tasks, TASKS), methods=methods,
+                    method_options={methods[0]: args.method_options} if args.method_options else {},
                     lr_factors=lr_factors, lr_extensions=extensions, ladder=ladder, token_budget=budget,
                     overrides=overrides, zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit,
                     parallel=args.parallel or study["parallel"][device().type])

@@ -52,6 +52,7 @@ class GridSpec:
     ladder: list[int] = field(default_factory=list)  # training-set sizes besides the full split
     token_budget: int | dict[str, int] = 0           # real training tokens per run, or per task (0: epochs decide)
     overrides: dict = field(default_factory=dict)    # any RunConfig field, for every run
+    method_options: dict[str, dict] = field(default_factory=dict)  # peft options per method, for its runs
     zero_shot: bool = True
     time_limit_s: float = 0.0                        # stop before a run that would not end in time (0: no limit)
     parallel: int = 1                                # training runs at once, in processes sharing the device
@@ -62,8 +63,13 @@ class GridSpec:
         budget_fields = {"train_token_budget": budget, "epochs": 1000.0} if budget else {}
         return {"search": AUTO, **budget_fields, **self.overrides, "task": task}
 
+    def method_overrides(self, task: str, method: str, **extra) -> dict:
+        """A trained run's settings: the task's, the method and its options, then ``extra``."""
+        options = {"method_options": self.method_options[method]} if method in self.method_options else {}
+        return {**self.base_overrides(task), "method": method, **options, **extra}
+
     def learning_rates(self, task: str, method: str) -> list[float]:
-        default_lr = build_config({**self.base_overrides(task), "method": method}).learning_rate
+        default_lr = build_config(self.method_overrides(task, method)).learning_rate
         factors = self.lr_factors
         if isinstance(factors, dict):
             if task not in factors:
@@ -322,7 +328,7 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
                 best_lr = _search(spec, task, method, records, work_dir, clock, workers, log, meanwhile=ready)
                 run = _run_name(best_lr, 0)
                 dst = _run_records(records, task, method, run)
-                overrides = {**base, "method": method, "learning_rate": best_lr}
+                overrides = spec.method_overrides(task, method, learning_rate=best_lr)
                 ready = [partial(tested, task, dst, _train_and_test, overrides, work_dir / task / method / run, dst,
                                  {"selected": True, "learning_rate": best_lr, "train_examples": None})]
             for test_now in ready:
@@ -336,8 +342,8 @@ def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[d
                 chosen_decoding = (selected.get("decoding_search") or {}).get("chosen", {})
                 for examples in spec.ladder:
                     run = _run_name(best_lr, examples)
-                    overrides = {**spec.base_overrides(task), "method": method, "learning_rate": best_lr,
-                                 "train_examples": examples, **chosen_decoding}
+                    overrides = spec.method_overrides(task, method, learning_rate=best_lr, train_examples=examples,
+                                                      **chosen_decoding)
                     rungs.append((overrides, work_dir / task / method / run, _run_records(records, task, method, run),
                                   {"selected": False, "learning_rate": best_lr, "train_examples": examples}))
             for start in range(0, len(rungs), workers.parallel):
@@ -416,7 +422,7 @@ def _train_rates(spec: GridSpec, task: str, method: str, rates: list[float], rec
     jobs = {}
     for lr in rates:
         run = _run_name(lr, 0)
-        overrides = {**spec.base_overrides(task), "method": method, "learning_rate": lr}
+        overrides = spec.method_overrides(task, method, learning_rate=lr)
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
     for overrides, work, record_path in jobs.values():
         if record_path.is_file():

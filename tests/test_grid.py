@@ -130,6 +130,34 @@ def test_grid_command_line_and_decoding_search(tiny_models, tiny_data, tmp_path)
     assert "| LoRA | – | – | – |" in readme.read_text() and "| IA3 | – | – | – |" in readme.read_text()
 
 
+def test_grid_method_options_reach_every_run_of_the_one_method(tiny_models, tiny_data, tmp_path, capsys):
+    common = ["grid", "--tasks", "translation", "--lr-factors", "1", "--lr-extensions", "0", "--ladder", "2",
+              "--token-budget", "200", "--no-zero-shot", "--set",
+              f"model={tiny_models['llama']},data_dir={tiny_data},report_to=none,max_new_tokens=3"]
+    # options are per method: with two methods the command refuses rather than guess
+    assert cli.main([*common, "--methods", "lora,ia3", "--method-options", "r=4", "--records",
+                     str(tmp_path / "refused"), "--work-dir", str(tmp_path / "w0")]) == 2
+    assert "exactly one method" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert cli.main([*common, "--methods", "lora", "--method-options", "r=4,lora_alpha=8", "--records",
+                     str(tmp_path / "rec"), "--work-dir", str(tmp_path / "work")]) == 0
+    records = load_records(tmp_path / "rec")
+    assert len(records) == 2  # the selected run and the ladder's rung
+    assert build_config({"method": "lora"}).method_options["r"] == 16  # the options replaced the default
+    for record in records:
+        assert record["config"]["method_options"]["r"] == 4 and record["config"]["method_options"]["lora_alpha"] == 8
+    # rank 4 trains a quarter of rank 16's adapter parameters
+    rank16 = cli.main([*common, "--methods", "lora", "--ladder", "", "--records", str(tmp_path / "rec16"),
+                       "--work-dir", str(tmp_path / "work16")])
+    assert rank16 == 0
+    (full16,) = load_records(tmp_path / "rec16")
+    selected = next(r for r in records if r["grid"]["train_examples"] is None)
+    assert selected["trainable_params"] * 4 == full16["trainable_params"]
+    # records made with other options are not taken for the default configuration's
+    assert cli.main([*common, "--methods", "lora", "--ladder", "", "--records", str(tmp_path / "rec"),
+                     "--work-dir", str(tmp_path / "work")]) == 2
+    assert "move it away to train this run again" in capsys.readouterr().err
+
+
 def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tmp_path):
     """GPU slots end and take their disks along: a grid stopped by its time limit, or resumed on a machine
     without the work dir, finishes with the records an uninterrupted grid gives."""
