@@ -94,6 +94,8 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     table = main_table(load_records(tmp_path / "rec1"))
     assert "| LoRA |" in table and "| Zero-shot (no training) |" in table and "| IA3 |" in table
     assert "Quality targets (" in table and "without a record yet" in table
+    # the README names the detailed results where they are, relative to itself
+    assert "Details: `rec1/RESULTS.md`" in readme.read_text()
     results_md = (tmp_path / "rec1" / "RESULTS.md").read_text()
     # the search is published, the selected rate in bold, and the targets are checked run by run
     assert f"**{search['selected_lr']:g}: " in results_md and "## Learning-rate search" in results_md
