@@ -27,7 +27,10 @@ def _captured_head_input(model: torch.nn.Module):
     def keep_and_shrink(_module, args):
         hidden = args[0]
         captured.append(hidden)
-        return (hidden[:, -1:],)  # the model's own logits are not used: compute them for one position
+        # the model's own logits are not used: compute them for one position per row. Contiguous, because a
+        # strided [rows, 1, hidden] view makes the CPU's matrix product copy the head's weight once per row
+        # (2.8 s a call in bf16 for 32 rows on the 2-core CPU, 5 ms contiguous)
+        return (hidden[:, -1:].contiguous(),)
 
     handle = head.register_forward_pre_hook(keep_and_shrink)
     try:
