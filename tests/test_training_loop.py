@@ -2,6 +2,7 @@
 still train every planned batch exactly once, and adapters skip input casts that bf16 autocast undoes."""
 
 import json
+import math
 from collections import Counter
 
 import torch
@@ -147,3 +148,36 @@ def test_lora_trains_and_tests_in_bf16_as_on_a_gpu(tiny_models, tmp_path, monkey
     loaded = runtime.load_trained(config.out, config, torch.device("cpu"), torch.bfloat16)
     assert next(loaded.model.parameters()).dtype == torch.bfloat16  # the base, as on a GPU
     assert result["test_examples"] == 1 and result["generation"]["new_tokens"] > 0
+
+
+def test_bf16_training_on_the_cpu_computes_attention_in_fp32(tiny_models, tmp_path):
+    data = _data(tmp_path / "data")
+    cpu = torch.device("cpu")
+    config = _config(tiny_models["llama"], data, tmp_path / "run", method="none", precision="bf16", max_steps=1)
+    model = load_for_training(config, cpu, torch.bfloat16).model
+    assert model.config._attn_implementation == runtime.CPU_BF16_ATTENTION
+    # fp32 training is left as it is
+    assert load_for_training(config, cpu, torch.float32).model.config._attn_implementation == "sdpa"
+
+    # the attention of bf16 inputs is fp32 attention rounded once to bf16
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    attention = model.model.layers[0].self_attn
+    shape = (2, model.config.num_attention_heads, 5, model.config.hidden_size // model.config.num_attention_heads)
+    kv_shape = (shape[0], model.config.num_key_value_heads, *shape[2:])
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=generator).bfloat16() for s in (shape, kv_shape, kv_shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = runtime._sdpa_in_fp32(attention, q, k, v, None, is_causal=True)
+    reference, _ = sdpa_attention_forward(attention, q.float(), k.float(), v.float(), None, is_causal=True)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference.bfloat16())
+
+    # training uses it, and the saved model does not carry it: stock transformers reloads it with SDPA
+    record = training.train(config)
+    assert record["compute_dtype"] == "bfloat16"
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert reloaded.config._attn_implementation == "sdpa"
+    # T5 passes its position bias to the same attention function: it trains too, with a finite loss
+    t5 = _config(tiny_models["t5"], data, tmp_path / "t5", method="lora", precision="bf16", max_steps=1)
+    assert load_for_training(t5, cpu, torch.bfloat16).model.config._attn_implementation == runtime.CPU_BF16_ATTENTION
+    assert math.isfinite(training.train(t5)["best_valid_loss"])
