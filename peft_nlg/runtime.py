@@ -80,8 +80,8 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     translation batches on the 2-core CPU), while the matrix products around it gain most from bf16."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def fp32(value):  # additive masks and T5's position bias too
-        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    def fp32(tensor):  # additive masks and T5's position bias too
+        return tensor.float() if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() else tensor
 
     with torch.autocast("cpu", enabled=False):
         output, weights = sdpa_attention_forward(module, fp32(query), fp32(key), fp32(value), fp32(attention_mask),
