@@ -44,7 +44,15 @@ from peft_nlg.evaluation import decoding
 from peft_nlg.formatting import IGNORE_INDEX
 from peft_nlg.generation import generate
 from peft_nlg.methods import get_method
-from peft_nlg.runtime import device, hardware, load_for_training, load_trained, package_versions, reset_peak_memory
+from peft_nlg.runtime import (
+    compute_dtype,
+    device,
+    hardware,
+    load_for_training,
+    load_trained,
+    package_versions,
+    reset_peak_memory,
+)
 from peft_nlg.tasks import TASKS
 from peft_nlg.training import train, use_compiled_blocks
 
@@ -73,10 +81,12 @@ def answer_loss(model, tokenizer, features, dev) -> float:
     """Mean answer-token loss over pre-encoded examples, one at a time (no padding effects)."""
     model.eval()
     total, count = 0.0, 0
+    # bf16 weights (ours on a GPU or an AMX CPU) mix with fp32 adapters, which autocast reconciles
+    mixed = dev.type == "cuda" or any(p.dtype == torch.bfloat16 for p in model.parameters())
     for f in features:
         ids = torch.tensor([f["input_ids"]], device=dev)
         labels = torch.tensor([f["labels"]], device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed):
             logits = model(input_ids=ids).logits.float()[:, -ids.shape[1]:]  # drop soft-prompt positions
         shift = labels[:, 1:]
         mask = shift != IGNORE_INDEX
@@ -227,7 +237,8 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                           "learning_rate": lr, "eval_every": 10**9})
     reset_peak_memory(dev)
     record = train(equal)
-    loaded = load_trained(equal.out, equal, dev, torch.bfloat16 if on_gpu else torch.float32)
+    dtype = compute_dtype(equal, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
+    loaded = load_trained(equal.out, equal, dev, dtype)
     ours_valid = [loaded.prompter.encode(r) for r in valid_rows]
     row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
                          "steps": record["steps"], "train_tokens": record["train_tokens"],
@@ -236,13 +247,12 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     same_decoding = dataclasses.replace(decoding(equal, on_gpu), search="greedy", max_new_tokens=64,
                                         no_repeat_ngram=0)
     replies, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in quality_rows],
-                          same_decoding, dev, torch.bfloat16 if on_gpu else torch.float32, show_progress=False)
+                          same_decoding, dev, dtype, show_progress=False)
     row["ours_equal"]["test_scores"] = _scores(replies, quality_rows)
 
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
     # since a random model almost never emits EOS and every prompt runs to the new-token limit
     del loaded
-    dtype = torch.bfloat16 if on_gpu else torch.float32
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype

@@ -108,7 +108,15 @@ def compute_dtype(config: RunConfig, dev: torch.device) -> torch.dtype:
         return torch.bfloat16
     if config.precision != "auto":
         raise ValueError(f"precision must be auto, bf16 or fp32, not '{config.precision}'")
-    return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """AMX (Intel Xeon Sapphire Rapids and later): bf16 matrix products about 4x fp32's. Without it bf16 is
+    emulated and slower than fp32, so CPUs without it keep fp32."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def base_weight_dtype(method: Method, dtype: torch.dtype) -> torch.dtype:
@@ -161,7 +169,7 @@ def _load_pieces(config: RunConfig, method: Method, model_path: str, tokenizer_p
 
 
 def _inference_dtype(dev: torch.device, dtype: torch.dtype) -> torch.dtype:
-    return dtype if dev.type == "cuda" else torch.float32
+    return dtype if dev.type == "cuda" or cpu_has_bf16_matrix_units() else torch.float32
 
 
 def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) -> Loaded:

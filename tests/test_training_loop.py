@@ -181,3 +181,14 @@ def test_bf16_training_on_the_cpu_computes_attention_in_fp32(tiny_models, tmp_pa
     t5 = _config(tiny_models["t5"], data, tmp_path / "t5", method="lora", precision="bf16", max_steps=1)
     assert load_for_training(t5, cpu, torch.bfloat16).model.config._attn_implementation == runtime.CPU_BF16_ATTENTION
     assert math.isfinite(training.train(t5)["best_valid_loss"])
+
+
+def test_auto_precision_on_a_cpu_follows_its_bf16_matrix_units(monkeypatch):
+    config, cpu = build_config({"precision": "auto"}), torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matrix_units", lambda: True)
+    assert runtime.compute_dtype(config, cpu) == torch.bfloat16
+    assert runtime._inference_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matrix_units", lambda: False)
+    assert runtime.compute_dtype(config, cpu) == torch.float32
+    assert runtime._inference_dtype(cpu, torch.bfloat16) == torch.float32  # an explicit bf16 trains, tests in fp32
+    assert runtime.compute_dtype(build_config({"precision": "fp32"}), cpu) == torch.float32
