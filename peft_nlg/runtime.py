@@ -114,8 +114,9 @@ def compute_dtype(config: RunConfig, dev: torch.device) -> torch.dtype:
 
 
 def cpu_has_bf16_matrix_units() -> bool:
-    """AMX (Intel Xeon Sapphire Rapids and later): bf16 matrix products about 4x fp32's. Without it bf16 is
-    emulated and slower than fp32, so CPUs without it keep fp32."""
+    """AMX (Intel Xeon Sapphire Rapids and later): bf16 matrix products about 4x fp32's on the 2-core
+    development machine. The earlier machine, probably without it, ran bf16 far slower than fp32, so CPUs
+    without AMX keep fp32."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
