@@ -48,7 +48,8 @@ class RunConfig:
     max_batch_size: int = field(default=0, metadata={"help": "examples per micro-batch at most (0: 64 CPU, 512 GPU)"})
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs and on CPUs with AMX, else fp32), bf16 or fp32"})
     gradient_checkpointing: bool = False
     compile: bool | None = field(default=None, metadata={
         "help": "torch.compile each transformer block for training (unset: on a GPU for runs of at least "
