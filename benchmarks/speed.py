@@ -256,6 +256,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
+    loaded.model.set_attn_implementation("sdpa")  # and its attention: the CPU's fp32 attention is for training
     prompts = [r["src"] for r in test_rows[:n_gen]]
 
     def timed_generation(settings) -> dict:

@@ -67,6 +67,19 @@ class NoRepeatInOutput(LogitsProcessor):
         return scores.masked_fill(hits > 0, float("-inf"))
 
 
+class NeverEmit(LogitsProcessor):
+    """Rule one token out (padding). transformers' ``suppress_tokens`` builds a vocabulary-wide mask and a
+    copy of the scores at every step (2.3 ms of a 33 ms step for 64 rows on the 2-core CPU); this writes one
+    column in place."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.token] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings: DecodingSettings,
              dev: torch.device, dtype: torch.dtype = torch.float32, show_progress: bool = True
@@ -88,15 +101,15 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):
         batch = collate([prompts[i] for i in indices], pad, prompter.family.padding_side)
         batch = {k: v.to(dev) for k, v in batch.items()}
-        processors = LogitsProcessorList()
+        # padding is never a word: ruling it out keeps an undertrained model from "writing" blanks
+        processors = LogitsProcessorList([NeverEmit(pad)])
         if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
             prompt_width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
             processors.append(NoRepeatInOutput(settings.no_repeat_ngram, prompt_width))
         with (torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
               attention_kernels(settings.cudnn_attention)):
-            # padding is never a word: suppressing it keeps an undertrained model from "writing" blanks
-            generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, suppress_tokens=[pad],
-                                       logits_processor=processors, **settings.generate_kwargs())
+            generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, logits_processor=processors,
+                                       **settings.generate_kwargs())
         if not prompter.family.is_encoder_decoder:
             generated = generated[:, batch["input_ids"].shape[1]:]
         for row, index in zip(generated.tolist(), indices, strict=True):

@@ -137,7 +137,26 @@ def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
 def load_model(path: str, family: ModelFamily, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False) -> PreTrainedModel:
     model = family.auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    contiguous_head_input(model)
     return model
+
+
+def contiguous_head_input(model: PreTrainedModel) -> None:
+    """Hand the output head a contiguous input.
+
+    Generation's first step keeps one position per row (``hidden[:, -1:]``), a strided view. When the head's
+    weight does not require a gradient (every PEFT method, and any autocast copy), torch's matrix product
+    cannot fold that view into one matrix and runs a batched product over the weight expanded per row: on
+    the CPU it copies the weight once per row (5.6 s of a 9 s LoRA generation for 64 prompts on the 2-core
+    machine, bf16, 2-layer model). Copying the small input instead costs microseconds.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_first_argument)
+
+
+def _contiguous_first_argument(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

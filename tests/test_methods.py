@@ -205,6 +205,38 @@ def test_no_repeat_in_output_blocks_only_generated_repeats():
     assert torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize("method", ["none", "lora", "prompt_tuning"])
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_generation_never_writes_padding_even_when_the_model_prefers_it(tiny_models, arch, method):
+    loaded = _perturbed(tiny_models[arch], method)
+    pad, eos = loaded.tokenizer.pad_token_id, loaded.tokenizer.eos_token_id
+
+    def prefer_padding(module, args, logits):  # padding always the model's first choice, EOS never
+        logits[..., pad] += 1e4
+        logits[..., eos] -= 1e4
+        return logits
+
+    loaded.model.get_output_embeddings().register_forward_hook(prefer_padding)
+    settings = DecodingSettings(max_new_tokens=5)
+    texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, settings, CPU,
+                            show_progress=False)
+    assert stats["new_tokens"] == 5 * len(SOURCES) and all(texts)
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_output_head_gets_a_contiguous_input_in_generation(tiny_models, arch, method):
+    """A strided one-position view makes the CPU's matrix product copy the head's weight once per row
+    (models.contiguous_head_input); the head must see a contiguous tensor at every step, the first included."""
+    loaded = _perturbed(tiny_models[arch], method)
+    seen = []
+    loaded.model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous()))
+    generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, DecodingSettings(max_new_tokens=3), CPU,
+             show_progress=False)
+    assert len(seen) >= 3 and all(seen)
+
+
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_greedy_outputs_never_repeat_a_blocked_ngram(tiny_models, arch, monkeypatch):
     import peft_nlg.generation as generation
