@@ -16,6 +16,7 @@ from pathlib import Path
 from peft_nlg.data.io import atomic_write_text
 from peft_nlg.evaluation import ZERO_SHOT
 from peft_nlg.generation import DecodingSettings
+from peft_nlg.grid import beyond_edge
 from peft_nlg.methods import METHODS
 from peft_nlg.runtime import attention_kernel_names
 from peft_nlg.targets import Outcome, check_targets, load_targets
@@ -174,13 +175,17 @@ def detailed_table(records: list[dict]) -> str:
 
 
 def search_table(searches: list[dict]) -> str:
-    """Every learning rate tried, its best validation loss, and the one the test used (bold)."""
+    """Every learning rate tried, its best validation loss, and the one the test used (bold); a selected rate
+    still at the edge of those tried (the search stopped at its limit of steps outward) is marked, since the
+    best rate may lie beyond it."""
     lines = ["| task | method | validation loss by learning rate | selected |", "|---|---|---|---|"]
     for s in sorted(searches, key=lambda s: (s["task"], ROW_ORDER.index(s["method"]))):
         selected = f"{s['selected_lr']:g}"
+        losses = {float(lr): loss for lr, loss in s["valid_loss_by_lr"].items()}
+        edge = " (edge: the best may lie beyond)" if beyond_edge(losses) is not None else ""
         tried = " · ".join(f"**{lr}: {loss:.4f}**" if lr == selected else f"{lr}: {loss:.4f}"
                            for lr, loss in sorted(s["valid_loss_by_lr"].items(), key=lambda kv: float(kv[0])))
-        lines.append(f"| {s['task']} | {s['method']} | {tried} | {selected} |")
+        lines.append(f"| {s['task']} | {s['method']} | {tried} | {selected}{edge} |")
     return "\n".join(lines)
 
 

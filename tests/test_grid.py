@@ -395,3 +395,16 @@ def test_archived_records_are_neither_reported_nor_searched(tmp_path):
     shutil.copytree(archived / "2026-11-26-lora-dropout-0.05" / "translation", tmp_path / "rec" / "translation")
     assert [r["method"] for r in load_records(tmp_path / "rec")] == ["lora"]  # the same files, not archived
     assert [s["method"] for s in load_searches(tmp_path / "rec")] == ["lora"]
+
+
+def test_search_table_marks_a_selected_rate_left_at_the_edge():
+    """A search that ran out of steps outward while its largest rate still won says so; one with a worse rate on
+    each side of the winner does not."""
+    from peft_nlg.report import search_table
+    at_edge = {"task": "translation", "method": "lora", "selected_lr": 0.004,
+               "valid_loss_by_lr": {"0.001": 2.6, "0.002": 2.5, "0.004": 2.4}}
+    inside = {"task": "translation", "method": "none", "selected_lr": 0.002,
+              "valid_loss_by_lr": {"0.001": 2.6, "0.002": 2.4, "0.004": 2.5}}
+    rows = search_table([at_edge, inside]).splitlines()[2:]
+    assert rows[0].endswith("| 0.002 |") and "none" in rows[0]
+    assert rows[1].endswith("| 0.004 (edge: the best may lie beyond) |") and "lora" in rows[1]
