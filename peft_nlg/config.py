@@ -78,6 +78,9 @@ class RunConfig:
         "help": "prompt + new tokens per generation batch (0: 32768 on CPU, 262144 on GPU)"})
     gen_max_batch_size: int = field(default=0, metadata={
         "help": "sequences per generation batch (0: 128 CPU, 1024 GPU)"})
+    greedy_loop: str = field(default="auto", metadata={
+        "help": "greedy decoding loop: ours (the same tokens, cheaper steps) or transformers'; auto: ours on a "
+                "CPU, where it was measured", "choices": ("auto", "ours", "transformers")})
     # housekeeping
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})

@@ -44,7 +44,7 @@ def trained_config(config: RunConfig) -> RunConfig:
     saved = load_config_file(saved_path)
     for name in ("search", "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram",
                  "max_test_examples", "test_file", "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir",
-                 "threads", "cudnn_attention"):
+                 "threads", "cudnn_attention", "greedy_loop"):
         setattr(saved, name, getattr(config, name))
     return saved
 
@@ -57,7 +57,8 @@ def decoding(config: RunConfig, on_gpu: bool) -> DecodingSettings:
                             max_new_tokens=config.max_new_tokens or get_task(config.task).max_new_tokens,
                             batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"],
                             no_repeat_ngram=config.no_repeat_ngram, temperature=config.temperature,
-                            top_p=config.top_p, seed=config.seed, cudnn_attention=config.cudnn_attention)
+                            top_p=config.top_p, seed=config.seed, cudnn_attention=config.cudnn_attention,
+                            greedy_loop=config.greedy_loop)
 
 
 def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:

@@ -38,3 +38,40 @@ def test_training_then_generation_stops_at_end_of_turn(tiny_data, tmp_path):
     assert record["generation"]["new_tokens"] < 3 * 120
     predictions = [json.loads(line)["prediction"] for line in (out / "predictions-test-greedy.jsonl").open()]
     assert all(p and "user" not in p.split() and "<|im" not in p for p in predictions), predictions
+
+
+def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir, monkeypatch):
+    """On the real weights in bf16, our greedy loop with the packed output head writes exactly what
+    transformers' loop with the head as loaded writes (bf16 near-ties would show here first)."""
+    import contextlib
+
+    import torch
+
+    import peft_nlg.generation as generation
+    from peft_nlg.config import build_config
+    from peft_nlg.runtime import load_base
+
+    config = build_config({"task": "translation", "model": EMBEDDED_MODEL})
+    cpu = torch.device("cpu")
+    loaded = load_base(config, cpu, torch.bfloat16)
+    sources = ["The cat sits on the mat.", "Where is the station?", "I would like a cup of coffee, please.",
+               "The weather was bad, so we stayed at home and read books all afternoon.", "Thank you!",
+               "How much does the ticket to Berlin cost?"]
+
+    def run(loop):
+        return generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
+                                   generation.DecodingSettings(max_new_tokens=40, greedy_loop=loop), cpu,
+                                   torch.bfloat16, show_progress=False)
+
+    ours, ours_stats = run("ours")
+
+    @contextlib.contextmanager
+    def as_loaded(model, rows):
+        yield False
+
+    monkeypatch.setattr(generation, "packed_output_head", as_loaded)
+    theirs, theirs_stats = run("transformers")
+    packed = "oneDNN packed" if torch.backends.mkldnn.is_available() else "as loaded"
+    assert (ours_stats["output_head"], theirs_stats["output_head"]) == (packed, "as loaded")
+    assert ours == theirs and ours_stats["new_tokens"] == theirs_stats["new_tokens"]
+    assert sum(map(len, ours)) > 0

@@ -1,0 +1,140 @@
+"""Our greedy decoding loop and the packed output head: the same tokens as transformers' own loop, for
+every method on every architecture, including rows that stop early; cheaper steps are the only difference."""
+
+import contextlib
+
+import pytest
+import torch
+from test_methods import SOURCES, _perturbed
+from tiny_models import ARCHITECTURES
+
+import peft_nlg.generation as generation
+from peft_nlg.generation import DecodingSettings, first_argmax, generate
+from peft_nlg.methods import METHODS
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_is_argmax_with_ties_tails_and_masked_scores(dtype):
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (64, 333, 1024):  # a multiple of the block and two that leave a short last block
+        scores = torch.randn(40, vocab, generator=generator).to(dtype)
+        scores[0] = 1.0                                  # every score tied: the first index
+        scores[1, [5, 17, 200 % vocab]] = 9.0            # ties across blocks: the first block's
+        scores[2, [20, 21]] = 9.0                        # ties inside one block
+        scores[3, vocab - 1] = 9.0                       # the maximum in the (short) last block, last position
+        scores[4, :-1] = float("-inf")                   # all but the last ruled out
+        scores[5, 3:] = float("-inf")
+        expected = scores.argmax(-1)
+        assert torch.equal(first_argmax(scores, block=16), expected)
+        assert torch.equal(first_argmax(scores[:, :], block=1024), expected)  # falls back for small vocabularies
+    assert first_argmax(scores, block=16)[[0, 1, 2, 3, 4]].tolist() == [0, 5, 20, vocab - 1, vocab - 1]
+
+
+@pytest.fixture
+def small_argmax_block(monkeypatch):
+    """Tiny models have 320 tokens: a block of 16 makes the two-pass argmax run in these tests."""
+    monkeypatch.setattr(generation, "ARGMAX_BLOCK", 16)
+
+
+def _stop_some_rows_early(loaded):
+    """EOS becomes the first choice of the batch's second row at the third step, of every row at the seventh,
+    and never before."""
+    eos, calls = loaded.tokenizer.eos_token_id, []
+
+    def hook(module, args, logits):
+        calls.append(1)
+        logits[:, -1, eos] = -1e4
+        if len(calls) == 3:
+            logits[1, -1, eos] = 1e4
+        if len(calls) == 7:
+            logits[:, -1, eos] = 1e4
+        return logits
+
+    return loaded.model.get_output_embeddings().register_forward_hook(hook), calls
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_our_greedy_loop_writes_transformers_tokens(tiny_models, arch, method, small_argmax_block):
+    loaded = _perturbed(tiny_models[arch], method)
+    results, sequences = {}, {"transformers": [], "ours": []}
+    own_generate = loaded.model.generate
+
+    def recording_generate(*args, **kwargs):  # every id, padding of finished rows included
+        ids = own_generate(*args, **kwargs)
+        sequences["ours" if "custom_generate" in kwargs else "transformers"].append(ids)
+        return ids
+
+    loaded.model.generate = recording_generate
+    for loop in ("transformers", "ours"):
+        for no_repeat in (0, 3):
+            settings = DecodingSettings(max_new_tokens=12, no_repeat_ngram=no_repeat, greedy_loop=loop)
+            texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, settings, CPU,
+                                    show_progress=False)
+            results[loop, no_repeat] = texts, stats["new_tokens"]
+        handle, calls = _stop_some_rows_early(loaded)
+        texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES,
+                                DecodingSettings(max_new_tokens=12, greedy_loop=loop), CPU, show_progress=False)
+        handle.remove()
+        results[loop, "stops"] = texts, stats["new_tokens"], len(calls)
+        assert stats["decoding_loop"] == ("peft-nlg greedy" if loop == "ours" else "transformers")
+    for key in ((0,), (3,), ("stops",)):
+        assert results[("ours", *key)] == results[("transformers", *key)], key
+    assert len(sequences["ours"]) == len(sequences["transformers"]) == 3
+    for ours, theirs in zip(sequences["ours"], sequences["transformers"], strict=True):
+        assert torch.equal(ours, theirs)
+    texts, new_tokens, head_calls = results["ours", "stops"]
+    # the second row stopped after 2 tokens, the others after 6; nobody runs past the last row's EOS
+    assert new_tokens == 2 + 6 * (len(SOURCES) - 1) and head_calls == 7
+    assert results["ours", 0][1] > new_tokens  # without the forced EOS the rows ran longer: the check bites
+
+
+def test_greedy_loop_auto_is_ours_on_a_cpu_and_settings_are_checked(tiny_models):
+    loaded = _perturbed(tiny_models["llama"], "lora")
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
+                        DecodingSettings(max_new_tokens=2), CPU, show_progress=False)
+    assert stats["decoding_loop"] == "peft-nlg greedy"
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
+                        DecodingSettings(search="beam", max_new_tokens=2), CPU, show_progress=False)
+    assert stats["decoding_loop"] == "transformers"  # beams and sampling keep transformers' loops
+    with pytest.raises(ValueError, match="greedy_loop must be"):
+        generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
+                 DecodingSettings(greedy_loop="fast"), CPU, show_progress=False)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("method", ["none", "lora", "prefix_tuning"])
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_packed_output_head_gives_the_same_outputs_in_bf16(tiny_models, method, search, monkeypatch):
+    loaded = _perturbed(tiny_models["llama"], method)
+    loaded.model.to(torch.bfloat16)
+    head = loaded.model.get_output_embeddings()
+    settings = DecodingSettings(search=search, max_new_tokens=10)
+
+    def run():
+        return generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, settings, CPU, torch.bfloat16,
+                        show_progress=False)
+
+    packed_texts, packed_stats = run()
+    assert packed_stats["output_head"] == "oneDNN packed"
+    assert "forward" not in vars(head)  # the head's own forward is back after generating
+    hidden = torch.randn(5, 1, head.in_features, dtype=torch.bfloat16)
+    with generation.packed_output_head(loaded.model, rows=8) as packed:
+        assert packed and torch.equal(head(hidden), torch.nn.functional.linear(hidden, head.weight))
+
+    @contextlib.contextmanager
+    def as_loaded(model, rows):
+        yield False
+
+    monkeypatch.setattr(generation, "packed_output_head", as_loaded)
+    texts, stats = run()
+    assert stats["output_head"] == "as loaded" and texts == packed_texts
+
+
+def test_output_head_is_not_packed_in_fp32(tiny_models):
+    loaded = _perturbed(tiny_models["llama"], "none")
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
+                        DecodingSettings(max_new_tokens=2), CPU, show_progress=False)
+    assert stats["output_head"] == "as loaded"
