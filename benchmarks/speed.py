@@ -118,6 +118,8 @@ def main() -> int:
                     help="time each generation this many times, report the median (0: 3 on CPU, 1 on GPU)")
     ap.add_argument("--greedy-loop", default="auto", choices=["auto", "ours", "transformers"],
                     help="our greedy decoding loop or transformers' (auto: ours on a CPU, as test mode)")
+    ap.add_argument("--also-greedy-loop", choices=["ours", "transformers"],
+                    help="also time greedy generation with this loop (JSON: ours_gen_greedy_<loop>_loop)")
     ap.add_argument("--quality-prompts", type=int, default=0,
                     help="test prompts both trained recipes answer for the quality check (0: 200 GPU, 32 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
@@ -280,6 +282,9 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search, no_repeat_ngram=0,
                                        greedy_loop=args.greedy_loop)
         row[f"ours_gen_{search}"] = timed_generation(settings)
+        if search == "greedy" and args.also_greedy_loop:  # the other loop in the same process, for a ratio
+            row[f"ours_gen_greedy_{args.also_greedy_loop}_loop"] = timed_generation(
+                dataclasses.replace(settings, greedy_loop=args.also_greedy_loop))
         if search == "greedy" and args.cudnn_attention_too:
             row["ours_gen_greedy_cudnn_attention"] = timed_generation(
                 dataclasses.replace(settings, cudnn_attention=True))
