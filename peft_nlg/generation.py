@@ -165,11 +165,15 @@ def packed_output_head(model, rows: int):
         return
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
     bias = head.bias
+    previous = vars(head).get("forward")  # normally none: the class's forward
     head.forward = lambda hidden: torch.ops.mkldnn._linear_pointwise(hidden, packed, bias, "none", [], "")
     try:
         yield True
     finally:
-        del head.forward  # the class's forward again
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 @torch.no_grad()
