@@ -107,6 +107,10 @@ def first_argmax(scores: torch.Tensor, block: int | None = None) -> torch.Tensor
     return start + scores.gather(1, window).argmax(-1)
 
 
+# steps between checks whether every row has finished: a check is a host sync on a GPU, free on a CPU; rows
+# that finished write padding meanwhile, which the caller strips
+STOP_CHECK_EVERY = {"cpu": 1}
+
 # processors that only rule tokens out (set their scores to -inf): they give the same choice on the model's
 # bf16 logits as on transformers' fp32 copy of them, so the greedy loop can skip that copy when only these run
 _MASKING_ONLY = (NeverEmit, NoRepeatInOutput, MinNewTokensLengthLogitsProcessor)
@@ -124,7 +128,7 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     pad = generation_config._pad_token_tensor
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     keep_dtype = all(isinstance(p, _MASKING_ONLY) for p in logits_processor)
-    check_every = 1 if input_ids.device.type == "cpu" else 8  # a stop check is a host sync on a GPU
+    check_every = STOP_CHECK_EVERY.get(input_ids.device.type, 8)
     is_encoder_decoder = model.config.is_encoder_decoder
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     steps = 0

@@ -91,6 +91,23 @@ def test_our_greedy_loop_writes_transformers_tokens(tiny_models, arch, method, s
     assert results["ours", 0][1] > new_tokens  # without the forced EOS the rows ran longer: the check bites
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_stop_checks_every_few_steps_as_on_a_gpu_keep_the_outputs(tiny_models, arch, monkeypatch):
+    """On a GPU the loop looks at the stop condition every 8 steps: rows that finished meanwhile write
+    padding, the texts stay the same and at most 7 steps are spent after the last EOS."""
+    loaded = _perturbed(tiny_models[arch], "lora")
+    outcome = {}
+    for every in (1, 8):
+        monkeypatch.setattr(generation, "STOP_CHECK_EVERY", {"cpu": every})
+        handle, calls = _stop_some_rows_early(loaded)
+        texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES,
+                                DecodingSettings(max_new_tokens=30, greedy_loop="ours"), CPU, show_progress=False)
+        handle.remove()
+        outcome[every] = texts, stats["new_tokens"], len(calls)
+    assert outcome[8][:2] == outcome[1][:2]
+    assert (outcome[1][2], outcome[8][2]) == (7, 8)  # the 7th step finished every row; the check came at the 8th
+
+
 def test_greedy_loop_auto_is_ours_on_a_cpu_and_settings_are_checked(tiny_models):
     loaded = _perturbed(tiny_models["llama"], "lora")
     _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
