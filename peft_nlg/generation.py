@@ -94,7 +94,7 @@ def first_argmax(scores: torch.Tensor, block: int | None = None) -> torch.Tensor
     49,152 scores. Elsewhere (a GPU's argmax is one fast kernel) and for small vocabularies it is argmax.
     """
     block = block or ARGMAX_BLOCK
-    rows, vocab = scores.shape
+    vocab = scores.shape[1]
     if scores.device.type != "cpu" or vocab < 4 * block:
         return scores.argmax(-1)
     whole = vocab // block * block
