@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from peft_nlg.batching import collate, token_budget_batches
 from peft_nlg.formatting import Prompter
@@ -116,6 +117,127 @@ STOP_CHECK_EVERY = {"cpu": 1}
 _MASKING_ONLY = (NeverEmit, NoRepeatInOutput, MinNewTokensLengthLogitsProcessor)
 
 
+class RoomyLayer(DynamicLayer):
+    """A self-attention cache layer that writes each step's keys and values into room reserved after the prefill.
+
+    transformers' ``DynamicLayer`` concatenates the whole cache with the new position at every step, copying
+    it once per layer and step (0.8 ms per copy for 64 dialogue prompts on the 2-core CPU). Here a step writes
+    one position; the layer hands attention a view of the filled part, whose rows are strided, which the
+    attention kernels read as fast. Out of room it doubles.
+    """
+
+    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int):
+        super().__init__()
+        self.device, self.is_initialized, self.length = key_room.device, True, length
+        self._key_room, self._value_room = key_room, value_room
+        self._expose()
+
+    @classmethod
+    def after(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> RoomyLayer:
+        """The layer holding ``keys`` and ``values`` with room for ``room`` more positions."""
+        length = keys.shape[-2]
+        return cls(_with_room(keys, length, room), _with_room(values, length, room), length)
+
+    def _expose(self) -> None:
+        self.keys = self._key_room[..., :self.length, :]
+        self.values = self._value_room[..., :self.length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        if self.length + new > self._key_room.shape[-2]:
+            room = max(self.length, new)
+            self._key_room = _with_room(self._key_room, self.length, room)
+            self._value_room = _with_room(self._value_room, self.length, room)
+        self._key_room[..., self.length:self.length + new, :] = key_states
+        self._value_room[..., self.length:self.length + new, :] = value_states
+        self.length += new
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _with_room(states: torch.Tensor, length: int, room: int) -> torch.Tensor:
+    """The first ``length`` positions of ``states`` [..., positions, dim] in a buffer ``room`` positions longer."""
+    buffer = states.new_empty((*states.shape[:-2], length + room, states.shape[-1]))
+    buffer[..., :length, :] = states[..., :length, :]
+    return buffer
+
+
+def reserve_cache_room(cache, room: int) -> int:
+    """Give every plain dynamic self-attention layer of ``cache`` room for ``room`` more positions.
+
+    Cross-attention caches (an encoder-decoder's) never grow and stay as they are; any other cache type
+    (static, sliding-window) is left alone. Returns how many layers were converted.
+    """
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if not isinstance(cache, DynamicCache):
+        return 0
+    converted = 0
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room)
+            converted += 1
+    return converted
+
+
+# rows per prefill call when a left-padded batch is prefilled in groups of similar length (prefill_by_length)
+PREFILL_ROWS = 8
+
+
+def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, room: int):
+    """The prefill of a left-padded decoder-only batch, run in groups of rows of similar length.
+
+    One prefill call computes every padding position of the batch: for 64 dialogue prompts of 24 to 145 tokens,
+    9,280 positions for 3,500 real ones, and on the 2-core CPU the prefill was 40% of a 30-layer model's
+    greedy decoding. Each group of ``PREFILL_ROWS`` rows drops the padding columns it does not need; the
+    groups' caches are then laid side by side, right-aligned, in one cache with ``room`` positions to spare,
+    so the decoding steps still run on the whole batch. The columns a group dropped stay zero and masked.
+
+    Returns the prefill's outputs (logits of every row, the joined cache), or None where this does not apply:
+    an encoder-decoder, inputs other than token ids, attention mask and position ids (which a group could not
+    slice), padding not on the left, or input preparation replaced by a wrapper (peft's prompt-learning
+    methods add virtual tokens there, and their prefill stays one call).
+    """
+    mask, positions, cache = (model_kwargs.get(key) for key in ("attention_mask", "position_ids", "cache"))
+    per_row = {key for key, value in model_kwargs.items() if isinstance(value, torch.Tensor)}
+    if (model.config.is_encoder_decoder or "prepare_inputs_for_generation" in vars(model) or mask is None
+            or positions is None or per_row != {"attention_mask", "position_ids"}
+            or type(cache) is not DynamicCache or cache.get_seq_length() != 0 or input_ids.shape[0] <= PREFILL_ROWS):
+        return None
+    width = input_ids.shape[1]
+    lengths = mask.sum(1)
+    columns = torch.arange(width, device=mask.device)
+    if not torch.equal(mask.bool(), columns[None, :] >= width - lengths[:, None]):
+        return None  # not every row is one block of real tokens at the right end
+    batch = input_ids.shape[0]
+
+    def whole_batch(states: torch.Tensor, positions: int) -> torch.Tensor:
+        # zeros: a masked position must not hold what could turn into NaN in attention
+        return states.new_zeros((batch, *states.shape[1:-2], positions, states.shape[-1]))
+
+    logits = rooms = outputs = None
+    for rows in lengths.argsort(stable=True).split(PREFILL_ROWS):
+        start = width - int(lengths[rows].max())
+        group_kwargs = {**model_kwargs, "attention_mask": mask[rows, start:], "position_ids": positions[rows, start:],
+                        "cache": DynamicCache(config=model.config)}
+        outputs = model._prefill(input_ids[rows, start:], generation_config, group_kwargs)
+        group_states = [(layer.keys, layer.values) for layer in outputs["cache"].layers]
+        if logits is None:
+            logits = outputs.logits.new_empty((batch, *outputs.logits.shape[1:]))
+            rooms = [[whole_batch(states, width + room) for states in layer] for layer in group_states]
+        logits[rows] = outputs.logits
+        for layer_rooms, layer_states in zip(rooms, group_states, strict=True):
+            for states_room, states in zip(layer_rooms, layer_states, strict=True):
+                states_room[rows, ..., start:width, :] = states
+    cache.layers = [RoomyLayer(key_room, value_room, width) for key_room, value_room in rooms]
+    outputs["logits"], outputs["cache"] = logits, cache
+    return outputs
+
+
 def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: LogitsProcessorList,
                     stopping_criteria, generation_config, **model_kwargs) -> torch.LongTensor:
     """Greedy decoding loop for ``model.generate(custom_generate=...)``: the same tokens as transformers' own.
@@ -123,14 +245,21 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     transformers prepares the inputs, the cache and, for peft's prompt-learning methods, the virtual tokens
     (peft installs its ``prepare_inputs_for_generation``); this loop only does the per-step work more cheaply
     on a CPU, where a 2-layer model's greedy step was a third argmax and logits copies: no fp32 copy of the
-    logits unless a processor needs one, the two-pass argmax, and no stop check waiting on a GPU every step.
+    logits unless a processor needs one, the two-pass argmax, and no stop check waiting on a GPU every step;
+    and the cache: a prefill without most of the padding (``prefill_by_length``), and steps that write into
+    room reserved once instead of copying the cache (``RoomyLayer``).
     """
     pad = generation_config._pad_token_tensor
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     keep_dtype = all(isinstance(p, _MASKING_ONLY) for p in logits_processor)
     check_every = STOP_CHECK_EVERY.get(input_ids.device.type, 8)
     is_encoder_decoder = model.config.is_encoder_decoder
-    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    room = generation_config.max_length - input_ids.shape[1]
+    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room)
+    if outputs is None:
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        # the decoding steps write into room reserved once, instead of copying the cache at every step
+        reserve_cache_room(outputs.get("cache"), room)
     steps = 0
     while True:
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs,

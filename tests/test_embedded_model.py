@@ -75,3 +75,36 @@ def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir,
     assert (ours_stats["output_head"], theirs_stats["output_head"]) == (packed, "as loaded")
     assert ours == theirs and ours_stats["new_tokens"] == theirs_stats["new_tokens"]
     assert sum(map(len, ours)) > 0
+
+
+def test_prefill_in_groups_keeps_the_real_models_outputs_in_fp32(model_dir, monkeypatch):
+    """On the real weights in fp32, the prefill in groups of rows of similar length writes exactly what
+    transformers' one-call prefill writes (in bf16 either changes outputs as a different batch size does)."""
+    import torch
+
+    import peft_nlg.generation as generation
+    from peft_nlg.config import build_config
+    from peft_nlg.runtime import load_base
+
+    config = build_config({"task": "translation", "model": EMBEDDED_MODEL})
+    cpu = torch.device("cpu")
+    loaded = load_base(config, cpu, torch.float32)
+    sources = ["Thank you!", "The cat sits on the mat.", "Where is the station?", "Good morning.",
+               "I would like a cup of coffee, please.", "How much does the ticket to Berlin cost?",
+               "The weather was bad, so we stayed at home and read books all afternoon.", "See you tomorrow."]
+    monkeypatch.setattr(generation, "PREFILL_ROWS", 3)
+    grouped = []
+    own_prefill = generation.prefill_by_length
+
+    def recording_prefill(*args, **kwargs):
+        outputs = own_prefill(*args, **kwargs)
+        grouped.append(outputs is not None)
+        return outputs
+
+    monkeypatch.setattr(generation, "prefill_by_length", recording_prefill)
+    texts = {loop: generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
+                                       generation.DecodingSettings(max_new_tokens=24, greedy_loop=loop), cpu,
+                                       show_progress=False)[0]
+             for loop in ("transformers", "ours")}
+    assert grouped == [True]
+    assert texts["ours"] == texts["transformers"] and all(texts["ours"])

@@ -91,6 +91,51 @@ def test_our_greedy_loop_writes_transformers_tokens(tiny_models, arch, method, s
     assert results["ours", 0][1] > new_tokens  # without the forced EOS the rows ran longer: the check bites
 
 
+# sources of many lengths, so that groups of rows drop different numbers of padding columns
+MANY_SOURCES = [" ".join(["word"] * n) + f" {n}?" for n in (1, 9, 3, 14, 5, 2, 11, 7, 4)]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
+    """The prefill in groups of rows (each group without the padding columns it does not need) gives the
+    same tokens as transformers' one-call prefill; it runs for decoder-only models with plain inputs, and
+    encoder-decoders and peft's prompt-learning methods (virtual tokens) keep the one-call prefill."""
+    loaded = _perturbed(tiny_models[arch], method)
+    monkeypatch.setattr(generation, "PREFILL_ROWS", 2)
+    grouped = []
+    own_prefill = generation.prefill_by_length
+
+    def recording_prefill(*args, **kwargs):
+        outputs = own_prefill(*args, **kwargs)
+        grouped.append(outputs is not None)
+        return outputs
+
+    monkeypatch.setattr(generation, "prefill_by_length", recording_prefill)
+    texts = {}
+    for loop in ("transformers", "ours"):
+        texts[loop] = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
+                               DecodingSettings(max_new_tokens=10, greedy_loop=loop), CPU, show_progress=False)[0]
+    assert texts["ours"] == texts["transformers"] and sum(map(len, texts["ours"])) > 0
+    peft_config = getattr(loaded.model, "active_peft_config", None)
+    plain_inputs = not (loaded.prompter.family.is_encoder_decoder or getattr(peft_config, "is_prompt_learning", False))
+    assert grouped == [plain_inputs]
+
+
+def test_roomy_cache_layer_keeps_what_concatenation_keeps_and_grows():
+    generator = torch.Generator().manual_seed(0)
+    first = [torch.randn(2, 3, 4, 5, generator=generator) for _ in range(2)]
+    roomy = generation.RoomyLayer.after(*first, room=1)
+    plain = generation.DynamicLayer()
+    plain.update(*first)
+    for new in (1, 7, 1):  # the second step needs more room than the layer holds, the third runs out again
+        states = [torch.randn(2, 3, new, 5, generator=generator) for _ in range(2)]
+        ours, theirs = roomy.update(*states), plain.update(*states)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        assert roomy.get_seq_length() == plain.get_seq_length()
+    assert roomy.get_seq_length() == 13
+
+
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_stop_checks_every_few_steps_as_on_a_gpu_keep_the_outputs(tiny_models, arch, monkeypatch):
     """On a GPU the loop looks at the stop condition every 8 steps: rows that finished meanwhile write
