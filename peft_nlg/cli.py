@@ -22,7 +22,7 @@ _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "l
                "model", "seed", "profile_steps"}
 _TEST_ONLY = {"max_test_examples", "test_file"}
 _DECODING = {"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens", "gen_max_batch_size",
-             "temperature", "top_p", "greedy_loop"}
+             "temperature", "top_p", "greedy_loop", "merge_adapter"}
 
 
 def _parse_options(text: str) -> dict:

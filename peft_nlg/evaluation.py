@@ -44,7 +44,7 @@ def trained_config(config: RunConfig) -> RunConfig:
     saved = load_config_file(saved_path)
     for name in ("search", "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram",
                  "max_test_examples", "test_file", "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir",
-                 "threads", "cudnn_attention", "greedy_loop"):
+                 "threads", "cudnn_attention", "greedy_loop", "merge_adapter"):
         setattr(saved, name, getattr(config, name))
     return saved
 
@@ -142,7 +142,8 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         | {"compiled": bool(train_record.get("compiled", train_record.get("config", {}).get("compile")))}
         if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
-        "generation": {**speed, **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},
+        "generation": {**speed, "adapter_merged": loaded.adapter_merged,
+                       **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},
         "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
         "config": config.to_dict(), "command": command_line(),
         "samples": [{"src": e["src"], "ref": e["trg"], "pred": p}

@@ -152,7 +152,7 @@ def _search_record(records: Path, task: str, method: str) -> Path:
 
 # settings that change nothing a training run computes (compiled blocks compute the same, up to rounding)
 _NOT_TRAINING = {"output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "search",
-                 "compile", "profile_steps", "cudnn_attention", "greedy_loop",
+                 "compile", "profile_steps", "cudnn_attention", "greedy_loop", "merge_adapter",
                  "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram", "max_test_examples",
                  "test_file", "gen_batch_tokens", "gen_max_batch_size"}
 

@@ -200,6 +200,9 @@ class Method:
     prepare_for_generation: Callable[[torch.nn.Module], None] | None = None
     # applied once to a freshly wrapped model before training (initialisation peft does not offer)
     initialize: Callable[[torch.nn.Module, MethodContext, dict], None] | None = None
+    # whether a trained adapter can be folded into the base weights for generation (peft's merge_and_unload):
+    # the same function, computed by the base model's layers alone
+    merges_into_base: bool = False
 
     @property
     def is_peft(self) -> bool:
@@ -216,7 +219,8 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("none", "Full fine-tuning", "train every weight of the model", None),
-    Method("lora", "LoRA", "low-rank updates added to every linear layer (Hu et al., 2021)", _lora),
+    Method("lora", "LoRA", "low-rank updates added to every linear layer (Hu et al., 2021)", _lora,
+           merges_into_base=True),
     Method("prefix_tuning", "Prefix Tuning",
            "trained key/value vectors prepended in every attention layer (Li & Liang, 2021)", _prefix_tuning,
            supports_gradient_checkpointing=False, prepare_for_generation=_route_prompt_through_cache,
@@ -230,7 +234,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "trained soft-prompt embeddings prepended to the input (Lester et al., 2021)", _prompt_tuning,
            prepare_for_generation=_soft_prompt_generation),
     Method("ia3", "IA3", "learned rescaling of keys, values and feed-forward activations (Liu et al., 2022)",
-           _ia3),
+           _ia3, merges_into_base=True),
 )}
 
 # command-line spellings of the original study

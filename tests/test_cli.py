@@ -87,6 +87,40 @@ def test_zero_shot_scores_the_base_model(tiny_models, tiny_data, tmp_path):
     assert set(record["scores"]) == {"rouge1", "rouge2", "rougeL"}
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_test_mode_folds_lora_and_ia3_into_the_base_weights_with_the_same_outputs(tiny_models, tiny_data, tmp_path,
+                                                                                 arch, method):
+    """--merge-adapter yes folds the methods that can be folded (LoRA, IA3) into the base weights, so the model
+    generating has no adapter layers left; in fp32 it writes what the adapter as loaded writes. Methods that
+    cannot be folded generate as loaded, whatever the setting."""
+    from peft import PeftModel
+
+    from peft_nlg.evaluation import trained_config
+    from peft_nlg.runtime import load_trained
+
+    task, out = TASK_FOR_ARCH[arch], tmp_path / "run"
+    assert _run(*_train_args(tiny_models[arch], tiny_data, out, task, method, "--precision", "fp32",
+                             "--learning-rate", 1e-2)) == 0
+    predictions, merged = {}, {}
+    for setting in ("no", "yes"):
+        assert _run("test", "--task", task, "--method", method, "--data-dir", tiny_data, "--output-dir", out,
+                    "--max-new-tokens", 8, "--merge-adapter", setting, "--overwrite") == 0
+        merged[setting] = json.loads((out / "record-test-greedy.json").read_text())["generation"]["adapter_merged"]
+        predictions[setting] = (out / "predictions-test-greedy.jsonl").read_text()
+    folds = METHODS[method].merges_into_base
+    assert merged == {"no": False, "yes": folds}
+    assert predictions["yes"] == predictions["no"]
+    config = trained_config(build_config({"task": task, "method": method, "output_dir": str(out),
+                                          "data_dir": str(tiny_data), "merge_adapter": "yes"}))
+    model = load_trained(out, config, torch.device("cpu"), torch.float32).model
+    adapter_layers = [name for name, _ in model.named_modules() if "lora_" in name or "ia3_" in name]
+    if folds:
+        assert not isinstance(model, PeftModel) and not adapter_layers
+    else:
+        assert isinstance(model, PeftModel) == METHODS[method].is_peft
+
+
 def test_bad_test_file_is_one_clear_line(tiny_models, tiny_data, tmp_path):
     out = tmp_path / "run"
     assert _run(*_train_args(tiny_models["t5"], tiny_data, out, "translation", "ia3")) == 0
