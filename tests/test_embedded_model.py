@@ -81,6 +81,7 @@ def test_prefill_in_groups_keeps_the_real_models_outputs_in_fp32(model_dir, monk
     """On the real weights in fp32, the prefill in groups of rows of similar length writes exactly what
     transformers' one-call prefill writes (in bf16 either changes outputs as a different batch size does)."""
     import torch
+    from test_greedy_loop import record_grouped_prefills
 
     import peft_nlg.generation as generation
     from peft_nlg.config import build_config
@@ -92,16 +93,7 @@ def test_prefill_in_groups_keeps_the_real_models_outputs_in_fp32(model_dir, monk
     sources = ["Thank you!", "The cat sits on the mat.", "Where is the station?", "Good morning.",
                "I would like a cup of coffee, please.", "How much does the ticket to Berlin cost?",
                "The weather was bad, so we stayed at home and read books all afternoon.", "See you tomorrow."]
-    monkeypatch.setattr(generation, "PREFILL_ROWS", 3)
-    grouped = []
-    own_prefill = generation.prefill_by_length
-
-    def recording_prefill(*args, **kwargs):
-        outputs = own_prefill(*args, **kwargs)
-        grouped.append(outputs is not None)
-        return outputs
-
-    monkeypatch.setattr(generation, "prefill_by_length", recording_prefill)
+    grouped = record_grouped_prefills(monkeypatch, rows=3)
     texts = {loop: generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
                                        generation.DecodingSettings(max_new_tokens=24, greedy_loop=loop), cpu,
                                        show_progress=False)[0]

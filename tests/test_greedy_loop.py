@@ -95,16 +95,10 @@ def test_our_greedy_loop_writes_transformers_tokens(tiny_models, arch, method, s
 MANY_SOURCES = [" ".join(["word"] * n) + f" {n}?" for n in (1, 9, 3, 14, 5, 2, 11, 7, 4)]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
-    """The prefill in groups of rows (each group without the padding columns it does not need) gives the
-    same tokens as transformers' one-call prefill; it runs for decoder-only models with plain inputs, and
-    encoder-decoders and peft's prompt-learning methods (virtual tokens) keep the one-call prefill."""
-    loaded = _perturbed(tiny_models[arch], method)
-    monkeypatch.setattr(generation, "PREFILL_ROWS", 2)
-    grouped = []
-    own_prefill = generation.prefill_by_length
+def record_grouped_prefills(monkeypatch, rows: int) -> list[bool]:
+    """Prefill in groups of ``rows``; the returned list gets, per greedy generate call, whether it did."""
+    monkeypatch.setattr(generation, "PREFILL_ROWS", rows)
+    grouped, own_prefill = [], generation.prefill_by_length
 
     def recording_prefill(*args, **kwargs):
         outputs = own_prefill(*args, **kwargs)
@@ -112,6 +106,17 @@ def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_mod
         return outputs
 
     monkeypatch.setattr(generation, "prefill_by_length", recording_prefill)
+    return grouped
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
+    """The prefill in groups of rows (each group without the padding columns it does not need) gives the
+    same tokens as transformers' one-call prefill; it runs for decoder-only models with plain inputs, and
+    encoder-decoders and peft's prompt-learning methods (virtual tokens) keep the one-call prefill."""
+    loaded = _perturbed(tiny_models[arch], method)
+    grouped = record_grouped_prefills(monkeypatch, rows=2)
     texts = {}
     for loop in ("transformers", "ours"):
         texts[loop] = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
