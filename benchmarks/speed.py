@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("--greedy-loop", default="auto", choices=["auto", "ours", "transformers"],
                     help="our greedy decoding loop or transformers' (auto: ours on a CPU, as test mode)")
     ap.add_argument("--merge-adapter", default="auto", choices=["auto", "yes", "no"],
-                    help="fold LoRA / IA3 into the base weights for our generation, as test mode does (auto: on a CPU)")
+                    help="fold LoRA / IA3 into the base weights for our generation, as test mode (auto: fp32 only)")
     ap.add_argument("--also-greedy-loop", choices=["ours", "transformers"],
                     help="also time greedy generation with this loop (JSON: ours_gen_greedy_<loop>_loop)")
     ap.add_argument("--quality-prompts", type=int, default=0,
@@ -265,7 +265,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
-    fold_adapter_for_generation(loaded, args.merge_adapter, dev)  # and folds LoRA / IA3 in where it does
+    fold_adapter_for_generation(loaded, args.merge_adapter, dtype)  # and folds LoRA / IA3 in where it does
     loaded.model.set_attn_implementation("sdpa")  # and its attention: the CPU's fp32 attention is for training
     row["gen_adapter_merged"] = loaded.adapter_merged
     prompts = [r["src"] for r in test_rows[:n_gen]]

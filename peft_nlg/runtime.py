@@ -208,23 +208,24 @@ def load_trained(run_dir: Path, config: RunConfig, dev: torch.device, dtype: tor
     if is_adapter:
         loaded.model = method.ready_for_generation(PeftModel.from_pretrained(loaded.model, str(model_dir)))
         skip_adapter_input_casts(loaded.model, dtype)
-        fold_adapter_for_generation(loaded, config.merge_adapter, dev)
+        fold_adapter_for_generation(loaded, config.merge_adapter, _inference_dtype(dev, dtype))
     loaded.model = loaded.model.to(dev).eval()
     return loaded
 
 
-def fold_adapter_for_generation(loaded: Loaded, setting: str, dev: torch.device) -> Loaded:
+def fold_adapter_for_generation(loaded: Loaded, setting: str, weights_dtype: torch.dtype) -> Loaded:
     """``--merge-adapter``: fold a LoRA or IA3 adapter into the base weights before generating.
 
     Generation then runs the base model's layers alone, without the adapter's extra products and additions in
     every layer: a 30-layer model's greedy decoding with LoRA went from 267 to 412 new tokens/s on the 2-core
-    CPU (docs/benchmarks.md). In fp32 the outputs are the same; in bf16 the folded weights round differently,
-    which changes outputs about as much as another batch size does. auto: on a CPU, where it was measured;
-    the model is no longer trainable afterwards, so this is for test and inference only.
+    CPU (docs/benchmarks.md). In fp32 the outputs are the same. In bf16 a folded weight keeps about 3 significant
+    digits, so an update smaller than half a step of the base weight is lost: 73% of a short-trained LoRA
+    adapter's weight changes were (docs/benchmarks.md). So auto folds fp32 weights only; yes folds anyway.
+    The model is no longer trainable afterwards: this is for test and inference only.
     """
     if setting not in ("auto", "yes", "no"):
         raise ValueError(f"merge_adapter must be auto, yes or no, not '{setting}'")
-    wanted = setting == "yes" or (setting == "auto" and dev.type == "cpu")
+    wanted = setting == "yes" or (setting == "auto" and weights_dtype == torch.float32)
     if wanted and loaded.method.merges_into_base and isinstance(loaded.model, PeftModel):
         loaded.model = loaded.model.merge_and_unload()
         loaded.adapter_merged = True

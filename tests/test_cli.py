@@ -103,14 +103,14 @@ def test_test_mode_folds_lora_and_ia3_into_the_base_weights_with_the_same_output
     assert _run(*_train_args(tiny_models[arch], tiny_data, out, task, method, "--precision", "fp32",
                              "--learning-rate", 1e-2)) == 0
     predictions, merged = {}, {}
-    for setting in ("no", "yes"):
+    for setting in ("no", "yes", "auto"):
         assert _run("test", "--task", task, "--method", method, "--data-dir", tiny_data, "--output-dir", out,
                     "--max-new-tokens", 8, "--merge-adapter", setting, "--overwrite") == 0
         merged[setting] = json.loads((out / "record-test-greedy.json").read_text())["generation"]["adapter_merged"]
         predictions[setting] = (out / "predictions-test-greedy.jsonl").read_text()
     folds = METHODS[method].merges_into_base
-    assert merged == {"no": False, "yes": folds}
-    assert predictions["yes"] == predictions["no"]
+    assert merged == {"no": False, "yes": folds, "auto": folds}  # auto folds fp32 weights
+    assert predictions["yes"] == predictions["no"] == predictions["auto"]
     config = trained_config(build_config({"task": task, "method": method, "output_dir": str(out),
                                           "data_dir": str(tiny_data), "merge_adapter": "yes"}))
     model = load_trained(out, config, torch.device("cpu"), torch.float32).model
@@ -119,6 +119,19 @@ def test_test_mode_folds_lora_and_ia3_into_the_base_weights_with_the_same_output
         assert not isinstance(model, PeftModel) and not adapter_layers
     else:
         assert isinstance(model, PeftModel) == METHODS[method].is_peft
+
+
+def test_auto_does_not_fold_an_adapter_into_bf16_weights(tiny_models):
+    """bf16 weights would lose adapter updates smaller than half their rounding step: auto leaves them alone."""
+    from peft_nlg.runtime import fold_adapter_for_generation
+
+    for setting, dtype, expected in (("auto", torch.bfloat16, False), ("yes", torch.bfloat16, True),
+                                     ("auto", torch.float32, True), ("no", torch.float32, False)):
+        config = build_config({"task": "dialogue", "method": "lora", "model": str(tiny_models["llama"])})
+        loaded = load_for_training(config, torch.device("cpu"), dtype)
+        assert fold_adapter_for_generation(loaded, setting, dtype).adapter_merged is expected
+    with pytest.raises(ValueError, match="merge_adapter must be"):
+        fold_adapter_for_generation(loaded, "always", dtype)
 
 
 def test_bad_test_file_is_one_clear_line(tiny_models, tiny_data, tmp_path):
