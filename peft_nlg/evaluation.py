@@ -46,6 +46,9 @@ def trained_config(config: RunConfig) -> RunConfig:
                  "max_test_examples", "test_file", "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir",
                  "threads", "cudnn_attention", "greedy_loop", "merge_adapter"):
         setattr(saved, name, getattr(config, name))
+    # the run is where its config.yaml was found: a run directory copied or moved elsewhere is read and written
+    # there, not at the path it was trained under
+    saved.output_dir = str(config.out)
     return saved
 
 

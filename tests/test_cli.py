@@ -78,6 +78,19 @@ def test_resume_continues_and_overwrite_is_explicit(tiny_models, tiny_data, tmp_
     assert (out / "model").is_dir() and not (out / "checkpoint").exists()
 
 
+def test_a_moved_run_directory_is_tested_where_it_now_is(tiny_models, tiny_data, tmp_path):
+    """config.yaml keeps the directory a run was trained in; test mode must read the model from, and write its
+    record to, the directory it is given, not that saved path (which may be gone, or hold another run)."""
+    trained, moved = tmp_path / "trained", tmp_path / "elsewhere" / "run"
+    assert _run(*_train_args(tiny_models["llama"], tiny_data, trained, "translation", "lora")) == 0
+    moved.parent.mkdir()
+    trained.rename(moved)
+    assert _run("test", "--task", "translation", "--method", "lora", "--data-dir", tiny_data, "--output-dir", moved,
+                "--max-new-tokens", 4) == 0
+    assert json.loads((moved / "record-test-greedy.json").read_text())["config"]["output_dir"] == str(moved)
+    assert not trained.exists()
+
+
 def test_zero_shot_scores_the_base_model(tiny_models, tiny_data, tmp_path):
     out = tmp_path / "zs"
     assert _run("test", "--zero-shot", "--task", "summarization", "--model", tiny_models["t5"], "--data-dir",
