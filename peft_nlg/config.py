@@ -83,8 +83,9 @@ class RunConfig:
                 "CPU, where it was measured", "choices": ("auto", "ours", "transformers")})
     merge_adapter: str = field(default="auto", metadata={
         "help": "test and inference: fold a LoRA or IA3 adapter into the base weights (the same function, one "
-                "product per layer instead of two paths, faster); auto: for fp32 weights only, since bf16 weights "
-                "lose small adapter updates when folded", "choices": ("auto", "yes", "no")})
+                "product per layer instead of two paths, faster); auto: when the folded weights keep the adapter's "
+                "update to within 5% (bf16 weights lose updates below their resolution; measured at load time)",
+        "choices": ("auto", "yes", "no")})
     # housekeeping
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted training run"})

@@ -145,7 +145,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         | {"compiled": bool(train_record.get("compiled", train_record.get("config", {}).get("compile")))}
         if train_record else None,
         "adapter_size_bytes": dir_size_bytes(out / "model") if (out / "model").is_dir() else 0,
-        "generation": {**speed, "adapter_merged": loaded.adapter_merged,
+        "generation": {**speed, "adapter_merged": loaded.adapter_merged, "adapter_fold_error": loaded.fold_error,
                        **{f"generation_{k}": v for k, v in peak_memory_gb(dev).items()}},
         "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
         "config": config.to_dict(), "command": command_line(),

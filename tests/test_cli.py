@@ -122,7 +122,7 @@ def test_test_mode_folds_lora_and_ia3_into_the_base_weights_with_the_same_output
         merged[setting] = json.loads((out / "record-test-greedy.json").read_text())["generation"]["adapter_merged"]
         predictions[setting] = (out / "predictions-test-greedy.jsonl").read_text()
     folds = METHODS[method].merges_into_base
-    assert merged == {"no": False, "yes": folds, "auto": folds}  # auto folds fp32 weights
+    assert merged == {"no": False, "yes": folds, "auto": folds}  # auto folds fp32 weights: nothing is lost
     assert predictions["yes"] == predictions["no"] == predictions["auto"]
     config = trained_config(build_config({"task": task, "method": method, "output_dir": str(out),
                                           "data_dir": str(tiny_data), "merge_adapter": "yes"}))
@@ -134,17 +134,39 @@ def test_test_mode_folds_lora_and_ia3_into_the_base_weights_with_the_same_output
         assert isinstance(model, PeftModel) == METHODS[method].is_peft
 
 
-def test_auto_does_not_fold_an_adapter_into_bf16_weights(tiny_models):
-    """bf16 weights would lose adapter updates smaller than half their rounding step: auto leaves them alone."""
-    from peft_nlg.runtime import fold_adapter_for_generation
+def _lora_with_update(model_path, dtype, update: float):
+    """A LoRA model whose base weights are all 1 and whose adapter adds exactly ``update`` to every weight."""
+    from peft.tuners.lora import LoraLayer
 
-    for setting, dtype, expected in (("auto", torch.bfloat16, False), ("yes", torch.bfloat16, True),
-                                     ("auto", torch.float32, True), ("no", torch.float32, False)):
-        config = build_config({"task": "dialogue", "method": "lora", "model": str(tiny_models["llama"])})
-        loaded = load_for_training(config, torch.device("cpu"), dtype)
-        assert fold_adapter_for_generation(loaded, setting, dtype).adapter_merged is expected
+    config = build_config({"task": "dialogue", "method": "lora", "model": str(model_path)})
+    loaded = load_for_training(config, torch.device("cpu"), dtype)
+    for layer in loaded.model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.get_base_layer().weight.data.fill_(1.0)
+            rank, scale = layer.r["default"], layer.scaling["default"]
+            layer.lora_A["default"].weight.data.fill_(1.0)  # B @ A * scale = rank * (update / (rank * scale)) * scale
+            layer.lora_B["default"].weight.data.fill_(update / (rank * scale))
+    return loaded
+
+
+@pytest.mark.parametrize(("dtype", "update", "error"), [
+    (torch.bfloat16, 1e-3, 1.0),    # below half of bf16's step at 1.0 (2^-8): every update is lost
+    (torch.bfloat16, 0.25, 0.0),    # 1.25 is a bf16 number: nothing is lost
+    (torch.bfloat16, 0.0, 0.0),     # an untrained adapter changes nothing, so folding it loses nothing
+    (torch.float32, 1e-3, 0.0),     # fp32 keeps it (up to fp32 rounding)
+])
+def test_auto_folds_an_adapter_only_when_the_folded_weights_keep_its_update(tiny_models, dtype, update, error):
+    """auto measures what folding would lose of the adapter's weight update (fold_error) and folds within
+    FOLD_TOLERANCE; yes folds anyway; no never does."""
+    from peft_nlg.runtime import FOLD_TOLERANCE, fold_adapter_for_generation, fold_error
+
+    assert fold_error(_lora_with_update(tiny_models["llama"], dtype, update).model) == pytest.approx(error, abs=1e-3)
+    for setting, expected in (("auto", error <= FOLD_TOLERANCE), ("yes", True), ("no", False)):
+        loaded = fold_adapter_for_generation(_lora_with_update(tiny_models["llama"], dtype, update), setting)
+        assert loaded.adapter_merged is expected
+        assert any("lora_" in name for name, _ in loaded.model.named_modules()) is not expected
     with pytest.raises(ValueError, match="merge_adapter must be"):
-        fold_adapter_for_generation(loaded, "always", dtype)
+        fold_adapter_for_generation(loaded, "always")
 
 
 def test_bad_test_file_is_one_clear_line(tiny_models, tiny_data, tmp_path):

@@ -248,6 +248,8 @@ def test_study_defaults_cover_every_task_and_are_valid_settings():
     assert all(1.0 in factors and len(factors) >= 2 for factors in study["lr_factors"].values())  # the default too
     for task in TASKS:
         build_config({**study["set"], "task": task})  # raises on an unknown setting
+    # the study's tests decode adapters as loaded throughout, as its first records did (not folded in bf16)
+    assert study["set"]["merge_adapter"] == "no"
 
 
 def test_parallel_training_failure_names_the_run_and_its_log(tiny_data, tmp_path):
