@@ -112,7 +112,8 @@ def main() -> int:
     ap.add_argument("--baseline-batch", type=int, default=0, help="0: 32 on GPU, 4 on CPU (the recipe's own)")
     ap.add_argument("--baseline-steps", type=int, default=0, help="0: 70 on GPU, 14 on CPU (10 are warm-up)")
     ap.add_argument("--our-steps", type=int, default=0, help="steps of our default-batch run (0: 40 GPU, 8 CPU)")
-    ap.add_argument("--gen-prompts", type=int, default=0, help="prompts to generate for (0: 1000 GPU, 64 CPU)")
+    ap.add_argument("--gen-prompts", type=int, default=0,
+                    help="prompts to generate for (0: 1000 GPU, 256 CPU; test mode batches up to 1,024 and 128)")
     ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 64 on CPU")
     ap.add_argument("--valid-examples", type=int, default=64)
     ap.add_argument("--gen-repeats", type=int, default=0,
@@ -150,7 +151,7 @@ def main() -> int:
     bs = args.baseline_batch or (32 if on_gpu else 4)
     base_steps = args.baseline_steps or (70 if on_gpu else 14)
     our_steps = args.our_steps or (40 if on_gpu else 8)
-    n_gen = args.gen_prompts or (1000 if on_gpu else 64)
+    n_gen = args.gen_prompts or (1000 if on_gpu else 256)
     n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 64)
     args.quality_prompts = args.quality_prompts or (200 if on_gpu else 32)
     work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
@@ -193,7 +194,8 @@ def main() -> int:
                "arch": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
                "baseline_batch": bs, "baseline_steps": base_steps,
                "real_tokens_per_example": round(real_per_example, 1),
-               "equal_tokens_per_step": equal_tokens_per_step, "methods": {}}
+               "equal_tokens_per_step": equal_tokens_per_step,
+               "gen_prompts": {"ours": n_gen, "baseline": n_base_gen}, "methods": {}}
     for name in args.methods.split(","):
         try:
             row = bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows,
@@ -265,9 +267,9 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
-    fold_adapter_for_generation(loaded, args.merge_adapter, dtype)  # and folds LoRA / IA3 in where it does
+    fold_adapter_for_generation(loaded, args.merge_adapter)  # and folds LoRA / IA3 in where it does
     loaded.model.set_attn_implementation("sdpa")  # and its attention: the CPU's fp32 attention is for training
-    row["gen_adapter_merged"] = loaded.adapter_merged
+    row["gen_adapter_merged"], row["gen_adapter_fold_error"] = loaded.adapter_merged, loaded.fold_error
     prompts = [r["src"] for r in test_rows[:n_gen]]
 
     # the median of a few timings, for both recipes: one generation timing on the shared 2-core machine
@@ -366,7 +368,7 @@ def _quality(scores: dict) -> str:
 
 # what must agree for results measured in separate calls to stand in one table
 _SETUP = ("device", "versions", "weights", "arch", "baseline_batch", "baseline_steps", "real_tokens_per_example",
-          "equal_tokens_per_step")
+          "equal_tokens_per_step", "gen_prompts")
 
 
 def merge_results(parts: list[dict], names: list[str]) -> dict:
