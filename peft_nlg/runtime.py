@@ -240,8 +240,9 @@ def fold_error(model: torch.nn.Module) -> float:
         exact = copy.deepcopy(layer).float()
         exact.merge()
         folded = exact.get_base_layer().weight.detach()
-        change = folded - weight.float()
-        lost += float((folded.to(weight.dtype).float() - weight.float() - change).pow(2).sum())
+        change = folded - weight.float()                          # the adapter's exact update
+        kept = folded.to(weight.dtype).float() - weight.float()   # what weights of their own dtype keep of it
+        lost += float((kept - change).pow(2).sum())
         update += float(change.pow(2).sum())
     return (lost / update) ** 0.5 if update else 0.0
 
