@@ -79,8 +79,9 @@ class RunConfig:
     gen_max_batch_size: int = field(default=0, metadata={
         "help": "sequences per generation batch (0: 128 CPU, 1024 GPU)"})
     greedy_loop: str = field(default="auto", metadata={
-        "help": "greedy decoding loop: ours (the same tokens, cheaper steps) or transformers'; auto: ours on a "
-                "CPU, where it was measured", "choices": ("auto", "ours", "transformers")})
+        "help": "decoding code: ours (greedy: the same tokens, cheaper steps; beam search: each prompt prefilled "
+                "once for all its beams) or transformers'; auto: ours on a CPU, where it was measured",
+        "choices": ("auto", "ours", "transformers")})
     merge_adapter: str = field(default="auto", metadata={
         "help": "test and inference: fold a LoRA or IA3 adapter into the base weights (the same function, one "
                 "product per layer instead of two paths, faster); auto: when the folded weights keep the adapter's "

@@ -127,6 +127,42 @@ def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_mod
     assert grouped == [plain_inputs]
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
+    """Beam search with each prompt prefilled once for all its beams writes transformers' token ids (every beam
+    hypothesis kept and reordered as before); it shares the prefill for decoder-only models with plain inputs,
+    and encoder-decoders and prompt-learning methods keep transformers' prefill."""
+    loaded = _perturbed(tiny_models[arch], method)
+    shared, own = [], generation._prefill_once_per_prompt
+
+    def recording(*args, **kwargs):
+        outputs = own(*args, **kwargs)
+        shared.append(outputs is not None)
+        return outputs
+
+    monkeypatch.setattr(generation, "_prefill_once_per_prompt", recording)
+    sequences, own_generate = {}, loaded.model.generate
+
+    def recording_generate(*args, **kwargs):
+        ids = own_generate(*args, **kwargs)
+        sequences["ours" if "custom_generate" in kwargs else "transformers"] = ids
+        return ids
+
+    loaded.model.generate = recording_generate
+    texts = {}
+    for loop in ("transformers", "ours"):
+        settings = DecodingSettings(search="beam", num_beams=3, max_new_tokens=8, greedy_loop=loop)
+        texts[loop], stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES, settings, CPU,
+                                      show_progress=False)
+        assert stats["decoding_loop"] == ("peft-nlg beam (one prefill per prompt)" if loop == "ours"
+                                          else "transformers")
+    assert torch.equal(sequences["ours"], sequences["transformers"]) and sum(map(len, texts["ours"])) > 0
+    peft_config = getattr(loaded.model, "active_peft_config", None)
+    plain_inputs = not (loaded.prompter.family.is_encoder_decoder or getattr(peft_config, "is_prompt_learning", False))
+    assert shared == [plain_inputs]
+
+
 def test_roomy_cache_layer_keeps_what_concatenation_keeps_and_grows():
     generator = torch.Generator().manual_seed(0)
     first = [torch.randn(2, 3, 4, 5, generator=generator) for _ in range(2)]
@@ -165,7 +201,10 @@ def test_greedy_loop_auto_is_ours_on_a_cpu_and_settings_are_checked(tiny_models)
     assert stats["decoding_loop"] == "peft-nlg greedy"
     _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
                         DecodingSettings(search="beam", max_new_tokens=2), CPU, show_progress=False)
-    assert stats["decoding_loop"] == "transformers"  # beams and sampling keep transformers' loops
+    assert stats["decoding_loop"] == "peft-nlg beam (one prefill per prompt)"
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
+                        DecodingSettings(search="sample", max_new_tokens=2), CPU, show_progress=False)
+    assert stats["decoding_loop"] == "transformers"  # sampling keeps transformers' loop
     with pytest.raises(ValueError, match="greedy_loop must be"):
         generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
                  DecodingSettings(greedy_loop="fast"), CPU, show_progress=False)
