@@ -95,18 +95,24 @@ def test_our_greedy_loop_writes_transformers_tokens(tiny_models, arch, method, s
 MANY_SOURCES = [" ".join(["word"] * n) + f" {n}?" for n in (1, 9, 3, 14, 5, 2, 11, 7, 4)]
 
 
+def record_whether_it_applied(monkeypatch, name: str) -> list[bool]:
+    """Wrap the prefill ``generation.<name>`` (None where it does not apply); the returned list gets, per call,
+    whether it applied."""
+    applied, own = [], getattr(generation, name)
+
+    def recording(*args, **kwargs):
+        outputs = own(*args, **kwargs)
+        applied.append(outputs is not None)
+        return outputs
+
+    monkeypatch.setattr(generation, name, recording)
+    return applied
+
+
 def record_grouped_prefills(monkeypatch, rows: int) -> list[bool]:
     """Prefill in groups of ``rows``; the returned list gets, per greedy generate call, whether it did."""
     monkeypatch.setattr(generation, "PREFILL_ROWS", rows)
-    grouped, own_prefill = [], generation.prefill_by_length
-
-    def recording_prefill(*args, **kwargs):
-        outputs = own_prefill(*args, **kwargs)
-        grouped.append(outputs is not None)
-        return outputs
-
-    monkeypatch.setattr(generation, "prefill_by_length", recording_prefill)
-    return grouped
+    return record_whether_it_applied(monkeypatch, "prefill_by_length")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -134,14 +140,7 @@ def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny
     hypothesis kept and reordered as before); it shares the prefill for decoder-only models with plain inputs,
     and encoder-decoders and prompt-learning methods keep transformers' prefill."""
     loaded = _perturbed(tiny_models[arch], method)
-    shared, own = [], generation._prefill_once_per_prompt
-
-    def recording(*args, **kwargs):
-        outputs = own(*args, **kwargs)
-        shared.append(outputs is not None)
-        return outputs
-
-    monkeypatch.setattr(generation, "_prefill_once_per_prompt", recording)
+    shared = record_whether_it_applied(monkeypatch, "_prefill_once_per_prompt")
     sequences, own_generate = {}, loaded.model.generate
 
     def recording_generate(*args, **kwargs):
