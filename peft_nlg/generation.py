@@ -181,6 +181,21 @@ def reserve_cache_room(cache, room: int) -> None:
             cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room)
 
 
+def _per_row_inputs(model_kwargs: dict) -> set[str]:
+    return {key for key, value in model_kwargs.items() if isinstance(value, torch.Tensor)}
+
+
+def _rows_can_be_prefilled_apart(model, model_kwargs: dict) -> bool:
+    """Whether a prefill's rows can be computed in separate calls and joined: a decoder-only model, an empty
+    dynamic cache, per-row inputs no more than token ids, attention mask and position ids (which can be
+    sliced), and input preparation of the model's own (peft's prompt-learning methods replace it to add
+    virtual tokens)."""
+    cache = model_kwargs.get("cache")
+    return not (model.config.is_encoder_decoder or "prepare_inputs_for_generation" in vars(model)
+                or _per_row_inputs(model_kwargs) - {"attention_mask", "position_ids"}
+                or type(cache) is not DynamicCache or cache.get_seq_length() != 0)
+
+
 # rows per prefill call when a left-padded batch is prefilled in groups of similar length (prefill_by_length)
 PREFILL_ROWS = 8
 
@@ -200,10 +215,8 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     methods add virtual tokens there, and their prefill stays one call).
     """
     mask, positions, cache = (model_kwargs.get(key) for key in ("attention_mask", "position_ids", "cache"))
-    per_row = {key for key, value in model_kwargs.items() if isinstance(value, torch.Tensor)}
-    if (model.config.is_encoder_decoder or "prepare_inputs_for_generation" in vars(model) or mask is None
-            or positions is None or per_row != {"attention_mask", "position_ids"}
-            or type(cache) is not DynamicCache or cache.get_seq_length() != 0 or input_ids.shape[0] <= PREFILL_ROWS):
+    if not _rows_can_be_prefilled_apart(model, model_kwargs) or mask is None or positions is None \
+            or input_ids.shape[0] <= PREFILL_ROWS:
         return None
     width = input_ids.shape[1]
     lengths = mask.sum(1)
@@ -316,10 +329,9 @@ def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_con
     preparation replaced by a wrapper (peft's prompt-learning methods), a cache already holding something, or
     rows that are not ``num_beams`` copies of each prompt."""
     beams, cache = generation_config.num_beams, model_kwargs.get("cache")
-    per_row = {key for key, value in model_kwargs.items() if isinstance(value, torch.Tensor)}
-    if (model.config.is_encoder_decoder or "prepare_inputs_for_generation" in vars(model) or not is_first_iteration
-            or per_row - {"attention_mask", "position_ids"} or type(cache) is not DynamicCache
-            or cache.get_seq_length() != 0 or beams < 2 or input_ids.shape[0] % beams):
+    per_row = _per_row_inputs(model_kwargs)
+    if not _rows_can_be_prefilled_apart(model, model_kwargs) or not is_first_iteration or beams < 2 \
+            or input_ids.shape[0] % beams:
         return None
     copies = {key: model_kwargs[key].unflatten(0, (-1, beams)) for key in per_row}
     copies["input_ids"] = input_ids.unflatten(0, (-1, beams))
@@ -334,6 +346,11 @@ def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_con
     cache.layers = outputs["cache"].layers
     outputs["logits"], outputs["cache"] = outputs.logits.repeat_interleave(beams, dim=0), cache
     return outputs
+
+
+# what test mode runs instead of transformers' own decoding, per search, and what records call it
+OUR_DECODING = {"greedy": (greedy_decoding, "peft-nlg greedy"),
+                "beam": (beam_search_with_shared_prefill, "peft-nlg beam (one prefill per prompt)")}
 
 
 @contextmanager
@@ -385,10 +402,9 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     if settings.greedy_loop not in ("auto", "ours", "transformers"):
         raise ValueError(f"greedy_loop must be auto, ours or transformers, not '{settings.greedy_loop}'")
     ours = settings.greedy_loop == "ours" or (settings.greedy_loop == "auto" and dev.type == "cpu")
-    # our decoding code where it was measured faster (the CPU): the greedy loop, and beam search with one prefill
-    # per prompt; transformers' own elsewhere until measured there
-    ours_for = {"greedy": greedy_decoding, "beam": beam_search_with_shared_prefill}
-    loop = {"custom_generate": ours_for[settings.search]} if ours and settings.search in ours_for else {}
+    # our decoding code where it was measured faster (the CPU); transformers' own elsewhere until measured there
+    ours_for_search = OUR_DECODING.get(settings.search) if ours else None
+    loop = {"custom_generate": ours_for_search[0]} if ours_for_search else {}
     synchronize(dev)
     started = time.perf_counter()
     with (packed_output_head(model, settings.max_batch_size * width) as packed_head,
@@ -415,8 +431,7 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     stats = {"generate_seconds": round(seconds, 3), "new_tokens": new_tokens,
              "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
              "attention_kernels": attention_kernel_names(settings.cudnn_attention),
-             "decoding_loop": {"greedy": "peft-nlg greedy", "beam": "peft-nlg beam (one prefill per prompt)"}[
-                 settings.search] if loop else "transformers",
+             "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
              "output_head": "oneDNN packed" if packed_head else "as loaded"}
     return outputs, stats
 
