@@ -121,7 +121,8 @@ def main() -> int:
     ap.add_argument("--greedy-loop", default="auto", choices=["auto", "ours", "transformers"],
                     help="our greedy decoding loop or transformers' (auto: ours on a CPU, as test mode)")
     ap.add_argument("--merge-adapter", default="auto", choices=["auto", "yes", "no"],
-                    help="fold LoRA / IA3 into the base weights for our generation, as test mode (auto: fp32 only)")
+                    help="fold LoRA / IA3 into the base weights for our generation, as test mode does (auto: "
+                         "when folding keeps the adapter's update)")
     ap.add_argument("--also-greedy-loop", choices=["ours", "transformers"],
                     help="also time greedy generation with this loop (JSON: ours_gen_greedy_<loop>_loop)")
     ap.add_argument("--quality-prompts", type=int, default=0,
