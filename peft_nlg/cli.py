@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from peft_nlg.config import RunConfig, build_config
+from peft_nlg.config import DECODING_SETTINGS, TEST_SETTINGS, RunConfig, build_config
 from peft_nlg.tasks import TASKS
 
 # settings that only make sense for some subcommands; the rest are shared
@@ -20,9 +20,6 @@ _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "l
                "gradient_checkpointing", "eval_every", "patience", "max_valid_examples", "resume", "report_to",
                "save_checkpoints", "method_options", "max_source_tokens", "max_target_tokens", "precision",
                "model", "seed", "profile_steps"}
-_TEST_ONLY = {"max_test_examples", "test_file"}
-_DECODING = {"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens", "gen_max_batch_size",
-             "temperature", "top_p", "greedy_loop", "merge_adapter"}
 
 
 def _parse_options(text: str) -> dict:
@@ -79,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train, shared | _TRAIN_ONLY)
     train.add_argument("--preset", choices=["original"], help="the original study's model for the task")
     test = sub.add_parser("test", help="generate for the test split and score it")
-    _add_config_flags(test, shared | _TEST_ONLY | _DECODING)
+    _add_config_flags(test, shared | TEST_SETTINGS | DECODING_SETTINGS)
     test.add_argument("--zero-shot", action="store_true", help="score the untrained base model")
     test.add_argument("--model", default=argparse.SUPPRESS, help="base model for --zero-shot")
     infer = sub.add_parser("inference", help="chat with the trained model (one output line per input line)")
-    _add_config_flags(infer, shared | _DECODING)
+    _add_config_flags(infer, shared | DECODING_SETTINGS)
 
     for p in (train, test, infer):
         p.set_defaults(_config_command=True)

@@ -25,6 +25,14 @@ from peft_nlg.tasks import get_task
 COMPILE_MIN_STEPS = 500
 
 
+# Settings a test or inference command chooses on top of a trained run's saved configuration; none of them
+# changes what training computes (the CLI offers them to test and inference, the grid ignores them when it
+# compares a record's training settings with what it asks for)
+DECODING_SETTINGS = frozenset({"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens",
+                               "gen_max_batch_size", "temperature", "top_p", "greedy_loop", "merge_adapter"})
+TEST_SETTINGS = frozenset({"max_test_examples", "test_file"})
+
+
 @dataclass
 class RunConfig:
     # what

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from peft_nlg.config import RunConfig, load_config_file
+from peft_nlg.config import DECODING_SETTINGS, TEST_SETTINGS, RunConfig, load_config_file
 from peft_nlg.data.io import read_pairs, write_json, write_jsonl
 from peft_nlg.data.splits import fingerprint
 from peft_nlg.generation import DecodingSettings, generate
@@ -42,9 +42,7 @@ def trained_config(config: RunConfig) -> RunConfig:
         raise FileNotFoundError(f"{saved_path}: no training run here; run `peft-nlg train` first "
                                 "(or pass --output-dir of a trained run)")
     saved = load_config_file(saved_path)
-    for name in ("search", "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram",
-                 "max_test_examples", "test_file", "gen_batch_tokens", "gen_max_batch_size", "overwrite", "data_dir",
-                 "threads", "cudnn_attention", "greedy_loop", "merge_adapter"):
+    for name in DECODING_SETTINGS | TEST_SETTINGS | {"overwrite", "data_dir", "threads", "cudnn_attention"}:
         setattr(saved, name, getattr(config, name))
     # the run is where its config.yaml was found: a run directory copied or moved elsewhere is read and written
     # there, not at the path it was trained under

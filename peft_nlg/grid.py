@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from peft_nlg.config import build_config, check_keys, load_config_file, yaml_defaults
+from peft_nlg.config import DECODING_SETTINGS, TEST_SETTINGS, build_config, check_keys, load_config_file, yaml_defaults
 from peft_nlg.data.io import write_json
 from peft_nlg.evaluation import AUTO, test
 from peft_nlg.runtime import release_device_memory
@@ -151,10 +151,9 @@ def _search_record(records: Path, task: str, method: str) -> Path:
 
 
 # settings that change nothing a training run computes (compiled blocks compute the same, up to rounding)
-_NOT_TRAINING = {"output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "search",
-                 "compile", "profile_steps", "cudnn_attention", "greedy_loop", "merge_adapter",
-                 "num_beams", "temperature", "top_p", "max_new_tokens", "no_repeat_ngram", "max_test_examples",
-                 "test_file", "gen_batch_tokens", "gen_max_batch_size"}
+_NOT_TRAINING = DECODING_SETTINGS | TEST_SETTINGS | {
+    "output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "compile", "profile_steps",
+    "cudnn_attention"}
 
 
 def _training_differences(have: dict, overrides: dict, work: Path) -> list[str]:

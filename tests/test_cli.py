@@ -1,6 +1,8 @@
 """The whole tool through its command line: every method on every architecture, train -> test ->
 inference; the original run.py flags; clear one-line errors on bad input; no silent overwrites."""
 
+import argparse
+import dataclasses
 import io
 import json
 import subprocess
@@ -12,7 +14,7 @@ import torch
 from tiny_models import ARCHITECTURES
 
 from peft_nlg import cli
-from peft_nlg.config import build_config
+from peft_nlg.config import DECODING_SETTINGS, TEST_SETTINGS, RunConfig, build_config
 from peft_nlg.evaluation import inference
 from peft_nlg.methods import METHODS
 from peft_nlg.models import compile_repeated_layers
@@ -181,6 +183,21 @@ def test_bad_test_file_is_one_clear_line(tiny_models, tiny_data, tmp_path):
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("peft-nlg: error:")]
     assert len(error_lines) == 1 and error_lines[0].startswith(f"peft-nlg: error: {bad}:2: malformed JSON")
     assert not list(out.glob("record-bad-*"))  # nothing written for a failed run
+
+
+def _flags_of(command: str) -> set[str]:
+    subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest for a in subcommands.choices[command]._actions}
+
+
+def test_every_setting_is_a_flag_of_the_commands_it_concerns():
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert DECODING_SETTINGS | TEST_SETTINGS <= fields  # a misspelt name would otherwise be skipped silently
+    train, test, infer = _flags_of("train"), _flags_of("test"), _flags_of("inference")
+    assert fields <= train | test | infer  # a new setting no command offers could never be set
+    assert DECODING_SETTINGS <= test & infer and not DECODING_SETTINGS & train
+    assert TEST_SETTINGS <= test and not TEST_SETTINGS & (train | infer)
+    assert {"learning_rate", "method_options", "epochs"} <= train - test - infer
 
 
 def test_run_py_maps_the_original_flags():
