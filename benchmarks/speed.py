@@ -13,7 +13,9 @@ reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and call
   generation  our test-mode generation, greedy and beam, on the same prompts
   quality     after the equal-budget training, both recipes' greedy replies to the same test prompts, scored
               with the dialogue metrics (with --init-dir holding real weights, e.g. the embedded model,
-              this is the "same quality" check on text; from a random initialisation both score near zero)
+              this is the "same quality" check on text; from a random initialisation both score near zero);
+              with real weights ours also trains with other seeds (--quality-seeds), so the table shows how far
+              one run's validation loss and scores move by chance beside the recipe's
 
 Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
 something with the device named in the JSON.
@@ -127,6 +129,9 @@ def main() -> int:
                     help="also time greedy generation with this loop (JSON: ours_gen_greedy_<loop>_loop)")
     ap.add_argument("--quality-prompts", type=int, default=0,
                     help="test prompts both trained recipes answer for the quality check (0: 200 GPU, 32 CPU)")
+    ap.add_argument("--quality-seeds", type=int, default=-1,
+                    help="train ours at equal tokens per step this many more times with other seeds (1, 2, ...) "
+                         "for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
     ap.add_argument("--cudnn-attention-too", action="store_true",
                     help="also time our default-batch run and greedy generation with cuDNN attention allowed "
@@ -155,6 +160,8 @@ def main() -> int:
     n_gen = args.gen_prompts or (1000 if on_gpu else 256)
     n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 64)
     args.quality_prompts = args.quality_prompts or (200 if on_gpu else 32)
+    if args.quality_seeds < 0:  # from a random initialisation the check only guards against breakage
+        args.quality_seeds = 2 if args.init_dir else 0
     work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
     B = load_baseline(Path(args.baseline), work / "baseline")
 
@@ -249,22 +256,20 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                           "learning_rate": lr, "eval_every": 10**9})
     reset_peak_memory(dev)
     record = train(equal)
-    dtype = compute_dtype(equal, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
-    loaded = load_trained(equal.out, equal, dev, dtype)
-    ours_valid = [loaded.prompter.encode(r) for r in valid_rows]
     row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
                          "steps": record["steps"], "train_tokens": record["train_tokens"],
-                         "valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, ours_valid, dev), 4)}
-    # the recipe's decoding (greedy, 64 new tokens, no n-gram block), so only the training differs
-    same_decoding = dataclasses.replace(decoding(equal, on_gpu), search="greedy", max_new_tokens=64,
-                                        no_repeat_ngram=0)
-    replies, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in quality_rows],
-                          same_decoding, dev, dtype, show_progress=False)
-    row["ours_equal"]["test_scores"] = _scores(replies, quality_rows)
+                         **_equal_budget_quality(equal, valid_rows, quality_rows, dev)}
+    other_seeds = []
+    for seed in range(1, args.quality_seeds + 1):  # the same run but for its seed (initial adapter, batch order)
+        again = dataclasses.replace(equal, seed=seed, output_dir=str(work / name / f"equal-seed{seed}"))
+        train(again)
+        other_seeds.append({"seed": seed, **_equal_budget_quality(again, valid_rows, quality_rows, dev)})
+    if other_seeds:
+        row["ours_equal"]["other_seeds"] = other_seeds
 
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
     # since a random model almost never emits EOS and every prompt runs to the new-token limit
-    del loaded
+    dtype = compute_dtype(equal, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
@@ -358,6 +363,20 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     return row
 
 
+def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dict], dev) -> dict:
+    """Validation loss and test scores of a run trained at the recipe's budget, decoded as the recipe decodes
+    (greedy, 64 new tokens, no n-gram block), so only the training differs."""
+    dtype = compute_dtype(config, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
+    loaded = load_trained(config.out, config, dev, dtype)
+    valid = [loaded.prompter.encode(r) for r in valid_rows]
+    same_decoding = dataclasses.replace(decoding(config, dev.type == "cuda"), search="greedy", max_new_tokens=64,
+                                        no_repeat_ngram=0)
+    replies, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in quality_rows],
+                          same_decoding, dev, dtype, show_progress=False)
+    return {"valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, valid, dev), 4),
+            "test_scores": _scores(replies, quality_rows)}
+
+
 def _scores(replies: list[str], rows: list[dict]) -> dict:
     scores = TASKS["dialogue"].metrics(replies, [r["trg"] for r in rows])
     return {k: scores[k] for k in ("rougeL", "bleu", "distinct2", "mean_len")}
@@ -421,7 +440,8 @@ def markdown_table(results: dict) -> str:
         gen_base = f"{b['gen_tokens_per_s']:,.0f}" if "gen_tokens_per_s" in b else "–"
         lines.append(" | ".join([
             f"| {name}", f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f}", f"**{r['train_speedup']}**",
-            str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]), f"{b['valid_loss']:.3f} / {e['valid_loss']:.3f}",
+            str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]),
+            f"{b['valid_loss']:.3f} / {e['valid_loss']:.3f}{_seed_spread(e, lambda run: run['valid_loss'], 3)}",
             _test_cell(b, e), gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}",
             f"**{r.get('gen_speedup_greedy', '–')}**",
             f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
@@ -455,7 +475,17 @@ def _test_cell(base: dict, ours: dict) -> str:
     """Older result files have no quality check."""
     if "test_scores" not in ours:
         return "–"
-    return f"{_quality(base['test_scores'])} / {_quality(ours['test_scores'])}"
+    spread = _seed_spread(ours, lambda run: run["test_scores"]["rougeL"], 2)
+    return f"{_quality(base['test_scores'])} / {_quality(ours['test_scores'])}{spread}"
+
+
+def _seed_spread(ours: dict, value, decimals: int) -> str:
+    """' (lowest–highest of N seeds)' where ours trained with other seeds too, else nothing."""
+    runs = [ours, *ours.get("other_seeds", [])]
+    if len(runs) == 1:
+        return ""
+    values = [value(run) for run in runs]
+    return f" ({min(values):.{decimals}f}–{max(values):.{decimals}f}, {len(runs)} seeds)"
 
 
 def print_table(results: dict) -> None:
@@ -473,8 +503,9 @@ def print_table(results: dict) -> None:
         print(" | ".join(str(x) for x in (
             name, b["tokens_per_s"], o["tokens_per_s"], r["train_speedup"], e["tokens_per_s"],
             r["train_speedup_equal_tokens_per_step"], b["peak_memory_gb"], e["peak_memory_gb"], b["valid_loss"],
-            e["valid_loss"], _test_cell(b, e), b.get("gen_tokens_per_s", "–"), r["ours_gen_greedy"]["new_tokens_per_s"],
-            r.get("gen_speedup_greedy", "–"), r["ours_gen_beam"]["new_tokens_per_s"])))
+            f"{e['valid_loss']}{_seed_spread(e, lambda run: run['valid_loss'], 3)}", _test_cell(b, e),
+            b.get("gen_tokens_per_s", "–"), r["ours_gen_greedy"]["new_tokens_per_s"], r.get("gen_speedup_greedy", "–"),
+            r["ours_gen_beam"]["new_tokens_per_s"])))
 
 
 if __name__ == "__main__":

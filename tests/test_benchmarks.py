@@ -33,7 +33,8 @@ def test_every_committed_result_renders_one_row_per_method(path):
         assert "error" in row or row.count("|") == columns
         if "test_scores" in method.get("ours_equal", {}):  # the quality check is shown where it was measured
             scores = method["ours_equal"]["test_scores"]
-            assert f"/ {scores['rougeL']:.2f} |" in row
+            spread = " (" if "other_seeds" in method["ours_equal"] else " |"
+            assert f"/ {scores['rougeL']:.2f}{spread}" in row
 
 
 def test_a_method_whose_compiled_run_failed_keeps_its_row_and_says_so():
@@ -49,6 +50,16 @@ def test_a_method_whose_compiled_run_failed_keeps_its_row_and_says_so():
     assert rows[3].endswith("| failed: BackendCompilerFailed: triton |")
     assert rows[4].endswith("| – |")  # measured without --compile
     assert rows[5].endswith("| not run: its blocks cannot share one compiled graph |")
+
+
+def test_the_quality_check_shows_how_far_other_seeds_moved_ours():
+    results = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-cpu-3-real-weights.json").read_text())
+    ours = results["methods"]["lora"]["ours_equal"]  # valid loss 4.4984, ROUGE-L 9.52
+    ours["other_seeds"] = [{"seed": 1, "valid_loss": 4.5102, "test_scores": {**ours["test_scores"], "rougeL": 8.7}},
+                           {"seed": 2, "valid_loss": 4.4871, "test_scores": {**ours["test_scores"], "rougeL": 9.9}}]
+    lora_row, none_row = _speed_module().markdown_table(results).splitlines()[2:]
+    assert "| 4.494 / 4.498 (4.487–4.510, 3 seeds) | 9.50 / 9.52 (8.70–9.90, 3 seeds) |" in lora_row
+    assert "seeds" not in none_row  # measured with one seed: nothing to show
 
 
 def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
