@@ -27,10 +27,12 @@ something with the device named in the JSON.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -132,6 +134,8 @@ def main() -> int:
     ap.add_argument("--quality-seeds", type=int, default=-1,
                     help="train ours at equal tokens per step this many more times with other seeds (1, 2, ...) "
                          "for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the temporary work directory (trained models, data) instead of removing it at exit")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
     ap.add_argument("--cudnn-attention-too", action="store_true",
                     help="also time our default-batch run and greedy generation with cuDNN attention allowed "
@@ -163,6 +167,8 @@ def main() -> int:
     if args.quality_seeds < 0:  # from a random initialisation the check only guards against breakage
         args.quality_seeds = 2 if args.init_dir else 0
     work = Path(tempfile.mkdtemp(prefix="peft-nlg-bench-"))
+    if not args.keep_work:  # its trained models (GBs for full fine-tuning, each seed) are not results: the JSON is
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     B = load_baseline(Path(args.baseline), work / "baseline")
 
     if args.init_dir:  # given weights (e.g. the embedded model): the quality check then means something
