@@ -14,8 +14,8 @@ reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and call
   quality     after the equal-budget training, both recipes' greedy replies to the same test prompts, scored
               with the dialogue metrics (with --init-dir holding real weights, e.g. the embedded model,
               this is the "same quality" check on text; from a random initialisation both score near zero);
-              with real weights ours also trains with other seeds (--quality-seeds), so the table shows how far
-              one run's validation loss and scores move by chance beside the recipe's
+              with real weights both recipes also train with other seeds (--quality-seeds), so the table shows
+              how far one run's validation loss and scores move by chance, the recipe's and ours side by side
 
 Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
 something with the device named in the JSON.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -132,8 +133,8 @@ def main() -> int:
     ap.add_argument("--quality-prompts", type=int, default=0,
                     help="test prompts both trained recipes answer for the quality check (0: 200 GPU, 32 CPU)")
     ap.add_argument("--quality-seeds", type=int, default=-1,
-                    help="train ours at equal tokens per step this many more times with other seeds (1, 2, ...) "
-                         "for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
+                    help="train both recipes (ours at equal tokens per step) this many more times with other seeds "
+                         "(1, 2, ...) for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the temporary work directory (trained models, data) instead of removing it at exit")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
@@ -232,23 +233,22 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     on_gpu = dev.type == "cuda"
     row = {}
     # --- baseline: the reference recipe as written
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
-    peft_config = B.peft_cfg(name)
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
-    _, wall, timer = B.train(model, base_tok, base_train, bs, steps=base_steps)
+    quality_rows = test_rows[: args.quality_prompts]
+    model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev)
     dt = timer.t1 - timer.t0
     row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
                        "peak_memory_gb": B.peak() if on_gpu else None,
-                       "valid_loss": round(answer_loss(model, base_tok, base_valid, dev), 4)}
-    quality_rows = test_rows[: args.quality_prompts]
-    try:  # the recipe's own generate crashes with some methods (prefix tuning, per its docstring)
-        replies, _ = B.generate(model, base_tok, "dialogue", quality_rows)
-        row["baseline"]["test_scores"] = _scores(replies, quality_rows)
-    except Exception as err:
-        row["baseline"]["test_scores"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                       **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev)}
     del model
+    # the recipe's own run-to-run spread, the noise "same quality" is measured against (other data orders,
+    # initial adapters and dropout masks)
+    other_seeds = []
+    for seed in range(1, args.quality_seeds + 1):
+        model, _ = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed)
+        other_seeds.append({"seed": seed, **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev)})
+        del model
+    if other_seeds:
+        row["baseline"]["other_seeds"] = other_seeds
     torch.cuda.empty_cache() if on_gpu else None
 
     # --- ours at the baseline's tokens per step and learning rate, same examples: quality + memory
@@ -310,7 +310,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     if name in ("none", "lora"):  # the recipe times generation for these two only
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
-        if peft_config is not None:
+        if B.peft_cfg(name) is not None:
             model = get_peft_model(model, B.peft_cfg(name))
         B.generate(model, base_tok, "dialogue", test_rows[:8])  # warm-up, as for ours
         rates = sorted(round(B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])[1], 1)
@@ -367,6 +367,36 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         row["gen_speedup_greedy"] = round(
             row["ours_gen_greedy"]["new_tokens_per_s"] / row["baseline"]["gen_tokens_per_s"], 2)
     return row
+
+
+def _train_recipe(B, name: str, init_dir: Path, tokenizer, features: list[dict], batch_size: int, steps: int, dev,
+                  seed: int | None = None):
+    """The reference recipe's training as written; with a seed, the same but for its seed: the Trainer's (data
+    order, dropout) and the one before attaching the adapter (its initial weights). Returns (model, timer)."""
+    torch.manual_seed(seed or 0)
+    model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
+    peft_config = B.peft_cfg(name)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    written = B.TrainingArguments
+    if seed is not None:  # the recipe takes no seed argument: give its TrainingArguments one
+        B.TrainingArguments = functools.partial(written, seed=seed, data_seed=seed)
+    try:
+        _, _, timer = B.train(model, tokenizer, features, batch_size, steps=steps)
+    finally:
+        B.TrainingArguments = written
+    return model, timer
+
+
+def _recipe_quality(B, model, tokenizer, valid_features: list[dict], quality_rows: list[dict], dev) -> dict:
+    """Validation loss and test scores of a model the recipe trained, decoded by the recipe's own generate."""
+    quality = {"valid_loss": round(answer_loss(model, tokenizer, valid_features, dev), 4)}
+    try:  # the recipe's own generate crashes with some methods (prefix tuning, per its docstring)
+        replies, _ = B.generate(model, tokenizer, "dialogue", quality_rows)
+        quality["test_scores"] = _scores(replies, quality_rows)
+    except Exception as err:
+        quality["test_scores"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    return quality
 
 
 def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dict], dev) -> dict:
@@ -447,7 +477,7 @@ def markdown_table(results: dict) -> str:
         lines.append(" | ".join([
             f"| {name}", f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f}", f"**{r['train_speedup']}**",
             str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]),
-            f"{b['valid_loss']:.3f} / {e['valid_loss']:.3f}{_seed_spread(e, lambda run: run['valid_loss'], 3)}",
+            _valid_cell(b, e),
             _test_cell(b, e), gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}",
             f"**{r.get('gen_speedup_greedy', '–')}**",
             f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
@@ -481,17 +511,25 @@ def _test_cell(base: dict, ours: dict) -> str:
     """Older result files have no quality check."""
     if "test_scores" not in ours:
         return "–"
-    spread = _seed_spread(ours, lambda run: run["test_scores"]["rougeL"], 2)
-    return f"{_quality(base['test_scores'])} / {_quality(ours['test_scores'])}{spread}"
+    def rouge(run):
+        return run["test_scores"].get("rougeL")  # none where the recipe's generate failed
+    return (f"{_quality(base['test_scores'])}{_seed_spread(base, rouge, 2)} / "
+            f"{_quality(ours['test_scores'])}{_seed_spread(ours, rouge, 2)}")
 
 
-def _seed_spread(ours: dict, value, decimals: int) -> str:
-    """' (lowest–highest of N seeds)' where ours trained with other seeds too, else nothing."""
-    runs = [ours, *ours.get("other_seeds", [])]
-    if len(runs) == 1:
+def _valid_cell(base: dict, ours: dict) -> str:
+    def loss(run):
+        return run["valid_loss"]
+    return (f"{base['valid_loss']:.3f}{_seed_spread(base, loss, 3)} / "
+            f"{ours['valid_loss']:.3f}{_seed_spread(ours, loss, 3)}")
+
+
+def _seed_spread(run: dict, value, decimals: int) -> str:
+    """' (lowest–highest of N seeds)' where a recipe trained with other seeds too, else nothing."""
+    values = [v for v in map(value, [run, *run.get("other_seeds", [])]) if v is not None]
+    if len(values) < 2:
         return ""
-    values = [value(run) for run in runs]
-    return f" ({min(values):.{decimals}f}–{max(values):.{decimals}f}, {len(runs)} seeds)"
+    return f" ({min(values):.{decimals}f}–{max(values):.{decimals}f}, {len(values)} seeds)"
 
 
 def print_table(results: dict) -> None:
@@ -499,7 +537,7 @@ def print_table(results: dict) -> None:
     print(f"\n{dev}, {results['date']}; baseline batch {results['baseline_batch']} "
           f"(~{results['equal_tokens_per_step']} real tokens/step)")
     head = ("method", "base tok/s", "ours tok/s", "x", "ours@equal", "x", "mem base", "mem ours@eq",
-            "vloss base", "vloss ours", "test rougeL base/ours", "gen base", "gen ours", "x", "beam ours")
+            "vloss base/ours", "test rougeL base/ours", "gen base", "gen ours", "x", "beam ours")
     print(" | ".join(head))
     for name, r in results["methods"].items():
         if "error" in r:
@@ -508,8 +546,8 @@ def print_table(results: dict) -> None:
         b, o, e = r["baseline"], r["ours"], r["ours_equal"]
         print(" | ".join(str(x) for x in (
             name, b["tokens_per_s"], o["tokens_per_s"], r["train_speedup"], e["tokens_per_s"],
-            r["train_speedup_equal_tokens_per_step"], b["peak_memory_gb"], e["peak_memory_gb"], b["valid_loss"],
-            f"{e['valid_loss']}{_seed_spread(e, lambda run: run['valid_loss'], 3)}", _test_cell(b, e),
+            r["train_speedup_equal_tokens_per_step"], b["peak_memory_gb"], e["peak_memory_gb"], _valid_cell(b, e),
+            _test_cell(b, e),
             b.get("gen_tokens_per_s", "–"), r["ours_gen_greedy"]["new_tokens_per_s"], r.get("gen_speedup_greedy", "–"),
             r["ours_gen_beam"]["new_tokens_per_s"])))
 
