@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
-from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.utils import ModelOutput
 
 from peft_nlg.batching import collate, token_budget_batches
 from peft_nlg.formatting import Prompter
@@ -158,6 +159,12 @@ class RoomyLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep (and order) the rows ``beam_idx``, room included."""
+        self._key_room = self._key_room.index_select(0, beam_idx.to(self._key_room.device))
+        self._value_room = self._value_room.index_select(0, beam_idx.to(self._value_room.device))
+        self._expose()
+
 
 def _with_room(states: torch.Tensor, length: int, room: int) -> torch.Tensor:
     """The first ``length`` positions of ``states`` [..., positions, dim] in a buffer ``room`` positions longer."""
@@ -248,6 +255,26 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     return outputs
 
 
+# finished rows leave the batch once fewer than this share of its rows is unfinished: a step's work grows with
+# its rows (on the 2-core CPU about linearly), and a batch runs until its longest output ends, so with real
+# replies (ending at EOS between a few and all of the new tokens) most row-steps went to rows that only wrote
+# padding. Each drop copies the cache once; dropping at three quarters bounds the copies to a few per batch.
+DROP_FINISHED_BELOW = 0.75
+
+
+def _keep_rows(value, keep: torch.LongTensor, rows: int):
+    """``value`` (a model input) with only the batch rows ``keep``: caches, tensors whose first dimension is
+    the batch (not ``cache_position``, one dimension), encoder outputs; anything else as it is."""
+    if isinstance(value, Cache):  # an encoder-decoder's too: its self- and cross-attention caches
+        value.reorder_cache(keep)
+    elif isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+        return value.index_select(0, keep)
+    elif isinstance(value, ModelOutput):
+        for key, item in value.items():
+            value[key] = _keep_rows(item, keep, rows)
+    return value
+
+
 def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: LogitsProcessorList,
                     stopping_criteria, generation_config, **model_kwargs) -> torch.LongTensor:
     """Greedy decoding loop for ``model.generate(custom_generate=...)``: the same tokens as transformers' own.
@@ -257,7 +284,8 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     on a CPU, where a 2-layer model's greedy step was a third argmax and logits copies: no fp32 copy of the
     logits unless a processor needs one, the two-pass argmax, and no stop check waiting on a GPU every step;
     and the cache: a prefill without most of the padding (``prefill_by_length``), and steps that write into
-    room reserved once instead of copying the cache (``RoomyLayer``).
+    room reserved once instead of copying the cache (``RoomyLayer``); and rows that finished leave the batch
+    (``DROP_FINISHED_BELOW``), their ids kept as transformers returns them, padding after the end.
     """
     pad = generation_config._pad_token_tensor
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -271,6 +299,8 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
         # the decoding steps write into room reserved once, instead of copying the cache at every step
         reserve_cache_room(outputs.get("cache"), room)
     steps = 0
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # each row's place in the whole batch
+    whole = None  # the whole batch's ids, written as rows leave
     while True:
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs,
                                                                  is_encoder_decoder=is_encoder_decoder)
@@ -282,11 +312,25 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         unfinished &= ~stopping_criteria(input_ids, None)
         steps += 1
-        if input_ids.shape[1] >= generation_config.max_length or (
-                steps % check_every == 0 and not bool(unfinished.any())):
-            return input_ids
+        if input_ids.shape[1] >= generation_config.max_length:
+            break
+        if steps % check_every == 0:
+            left = int(unfinished.sum())
+            if left == 0:
+                break
+            if pad is not None and left < DROP_FINISHED_BELOW * len(rows):
+                if whole is None:  # the first drop: every row is still here
+                    whole = input_ids.new_full((len(rows), generation_config.max_length), pad)
+                done, keep = (~unfinished).nonzero().squeeze(1), unfinished.nonzero().squeeze(1)
+                whole[rows[done], :input_ids.shape[1]] = input_ids[done]
+                model_kwargs = {key: _keep_rows(value, keep, len(rows)) for key, value in model_kwargs.items()}
+                input_ids, unfinished, rows = input_ids[keep], unfinished[keep], rows[keep]
         model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
         outputs = model(**model_inputs, return_dict=True)
+    if whole is None:
+        return input_ids
+    whole[rows, :input_ids.shape[1]] = input_ids
+    return whole[:, :input_ids.shape[1]]
 
 
 def beam_search_with_shared_prefill(model, input_ids: torch.LongTensor, logits_processor: LogitsProcessorList,

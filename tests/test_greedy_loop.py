@@ -162,6 +162,64 @@ def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny
     assert shared == [plain_inputs]
 
 
+def _stop_rows_by_their_padding(loaded) -> tuple[list, list[int]]:
+    """EOS becomes a row's first choice at decoding step 2 + (its prompt's padding columns mod 6), and never
+    otherwise: the sources' lengths differ, so rows stop at several steps, decided by what each row is, not
+    where it sits in the batch; both loops stop the same rows whatever company the rows keep. Returns the hooks'
+    handles and the rows of each decoding step."""
+    model, eos = loaded.model, loaded.tokenizer.eos_token_id
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "decoder_input_ids" if base.config.is_encoder_decoder else "input_ids"
+    padding, step_rows = [], []
+
+    def remember_padding(_module, _args, kwargs):
+        ids, mask = kwargs.get(name), kwargs.get("attention_mask")
+        one_new_token = ids is not None and ids.shape[1] == 1  # not a decoder-only prompt's prefill
+        padding.append(mask.shape[1] - mask.sum(1) if one_new_token and mask is not None else None)
+
+    def force(_module, _args, logits):
+        logits[:, -1, eos] = -1e4
+        if padding[-1] is not None:
+            step_rows.append(len(padding[-1]))
+            logits[padding[-1] % 6 + 2 == len(step_rows), -1, eos] = 1e4
+        return logits
+
+    handles = [base.register_forward_pre_hook(remember_padding, with_kwargs=True),
+               model.get_output_embeddings().register_forward_hook(force)]
+    return handles, step_rows
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_finished_rows_leave_the_batch_and_the_tokens_stay_transformers(tiny_models, arch, method, monkeypatch):
+    """With finished rows dropped from the batch as soon as any row finishes, our loop writes transformers'
+    token ids, padding after each row's end included, while its steps run on fewer and fewer rows."""
+    loaded = _perturbed(tiny_models[arch], method)
+    monkeypatch.setattr(generation, "DROP_FINISHED_BELOW", 1.0)
+    sequences, rows_seen, own_generate = {}, {}, loaded.model.generate
+
+    def recording_generate(*args, **kwargs):
+        ids = own_generate(*args, **kwargs)
+        sequences["ours" if "custom_generate" in kwargs else "transformers"] = ids
+        return ids
+
+    loaded.model.generate = recording_generate
+    for loop in ("transformers", "ours"):
+        handles, rows_seen[loop] = _stop_rows_by_their_padding(loaded)
+        generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
+                 DecodingSettings(max_new_tokens=12, greedy_loop=loop), CPU, show_progress=False)
+        for handle in handles:
+            handle.remove()
+    ours, theirs = sequences["ours"], sequences["transformers"]
+    assert torch.equal(ours, theirs)
+    generated = theirs[:, -12:]
+    ends = {int(row.tolist().index(loaded.tokenizer.eos_token_id)) for row in generated
+            if loaded.tokenizer.eos_token_id in row.tolist()}
+    assert len(ends) >= 3  # rows ended at three steps at least: the dropping had something to do
+    assert set(rows_seen["transformers"]) == {len(MANY_SOURCES)}
+    assert rows_seen["ours"] == sorted(rows_seen["ours"], reverse=True) and rows_seen["ours"][-1] < len(MANY_SOURCES)
+
+
 def test_roomy_cache_layer_keeps_what_concatenation_keeps_and_grows():
     generator = torch.Generator().manual_seed(0)
     first = [torch.randn(2, 3, 4, 5, generator=generator) for _ in range(2)]
