@@ -256,9 +256,9 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
 
 
 # finished rows leave the batch once fewer than this share of its rows is unfinished: a step's work grows with
-# its rows (on the 2-core CPU about linearly), and a batch runs until its longest output ends, so with real
-# replies (ending at EOS between a few and all of the new tokens) most row-steps went to rows that only wrote
-# padding. Each drop copies the cache once; dropping at three quarters bounds the copies to a few per batch.
+# its rows (on the 2-core CPU about linearly), and a batch runs until its longest output ends, so rows that end
+# early (trained dialogue models' replies: 13 to 44 of 64 new tokens on average) spent the rest of the batch's
+# steps writing padding. Each drop copies the cache once; dropping at three quarters bounds the copies to a few.
 DROP_FINISHED_BELOW = 0.75
 
 
