@@ -308,10 +308,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
             row["ours_gen_greedy_cudnn_attention"] = timed_generation(
                 dataclasses.replace(settings, cudnn_attention=True))
     if name in ("none", "lora"):  # the recipe times generation for these two only
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
-        if B.peft_cfg(name) is not None:
-            model = get_peft_model(model, B.peft_cfg(name))
+        model = _recipe_model(B, name, init_dir, dev)
         B.generate(model, base_tok, "dialogue", test_rows[:8])  # warm-up, as for ours
         rates = sorted(round(B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])[1], 1)
                        for _ in range(repeats))
@@ -369,15 +366,19 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     return row
 
 
+def _recipe_model(B, name: str, init_dir: Path, dev, seed: int = 0):
+    """The model as the recipe builds it: the weights, then its adapter for ``name`` (initialised under ``seed``)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
+    peft_config = B.peft_cfg(name)
+    return model if peft_config is None else get_peft_model(model, peft_config)
+
+
 def _train_recipe(B, name: str, init_dir: Path, tokenizer, features: list[dict], batch_size: int, steps: int, dev,
                   seed: int | None = None):
     """The reference recipe's training as written; with a seed, the same but for its seed: the Trainer's (data
     order, dropout) and the one before attaching the adapter (its initial weights). Returns (model, timer)."""
-    torch.manual_seed(seed or 0)
-    model = AutoModelForCausalLM.from_pretrained(init_dir).to(dev)
-    peft_config = B.peft_cfg(name)
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+    model = _recipe_model(B, name, init_dir, dev, seed or 0)
     written = B.TrainingArguments
     if seed is not None:  # the recipe takes no seed argument: give its TrainingArguments one
         B.TrainingArguments = functools.partial(written, seed=seed, data_seed=seed)
