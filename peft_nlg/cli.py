@@ -19,7 +19,7 @@ _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "l
                "warmup_ratio", "batch_tokens", "max_batch_size", "grad_accum", "max_grad_norm", "compile",
                "gradient_checkpointing", "eval_every", "patience", "max_valid_examples", "resume", "report_to",
                "save_checkpoints", "method_options", "max_source_tokens", "max_target_tokens", "precision",
-               "model", "seed", "profile_steps"}
+               "model", "seed", "profile_steps", "instruction", "instruction_turn"}
 
 
 def _parse_options(text: str) -> dict:
@@ -38,7 +38,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
         if f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)

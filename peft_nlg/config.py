@@ -69,6 +69,12 @@ class RunConfig:
     max_valid_examples: int = 500
     max_source_tokens: int = 256
     max_target_tokens: int = 128
+    instruction: str = field(default="", metadata={
+        "help": "what decoder-only models are told to do (empty: the task's own instruction)"})
+    instruction_turn: str = field(default="auto", metadata={
+        "help": "decoder-only chat models: the instruction as its own system turn, or on the line before the "
+                "source in the user turn; auto: system, or user where the chat template has no system role",
+        "choices": ("auto", "system", "user")})
     # test / inference
     search: str = field(default="greedy", metadata={
         "help": "greedy, beam, sample, or auto (test: the task's decoding search on the validation split picks; "

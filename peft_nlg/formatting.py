@@ -1,8 +1,9 @@
 """Turning (source, target) text pairs into token ids for each model family.
 
-Decoder-only models see the task instruction as the system turn of their chat template, the source as
-the user turn, and learn only the assistant turn (loss on answer tokens), which ends in EOS so
-generation knows where to stop. Encoder-decoder models see ``prefix + source`` and learn the target.
+Decoder-only models see the task instruction as the system turn of their chat template (or, where the
+template has no system role or the run asks for it, on the line before the source in the user turn), and
+learn only the assistant turn (loss on answer tokens), which ends in EOS so generation knows where to stop.
+Encoder-decoder models see ``prefix + source`` and learn the target.
 """
 
 from __future__ import annotations
@@ -14,6 +15,19 @@ from peft_nlg.tasks.base import Task
 
 IGNORE_INDEX = -100
 
+INSTRUCTION_TURNS = ("auto", "system", "user")
+
+
+def template_keeps_system_turn(tokenizer, instruction: str) -> bool:
+    """Whether the tokenizer's chat template renders a system turn: some templates refuse the role (an
+    exception) and some drop it without a word, which would train and test without the instruction."""
+    messages = [{"role": "system", "content": instruction}, {"role": "user", "content": "-"}]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # jinja's TemplateError, or whatever the template raises for the role
+        return False
+    return instruction in text
+
 
 @dataclass
 class Prompter:
@@ -23,15 +37,24 @@ class Prompter:
     max_source_tokens: int
     max_target_tokens: int
     prefix: str = ""
+    instruction: str = ""          # what decoder-only models are told (the task's own unless a run sets one)
+    instruction_turn: str = "system"  # where it goes in a chat template: "system" or "user" (before the source)
 
     @classmethod
     def create(cls, task: Task, family: ModelFamily, tokenizer, model_config, max_source_tokens: int,
-               max_target_tokens: int) -> Prompter:
+               max_target_tokens: int, instruction: str = "", instruction_turn: str = "auto") -> Prompter:
+        if instruction_turn not in INSTRUCTION_TURNS:
+            raise ValueError(f"instruction_turn must be {', '.join(INSTRUCTION_TURNS)}, not '{instruction_turn}'")
         prefix = ""
         if family.is_encoder_decoder and task.config_task_key:
             params = getattr(model_config, "task_specific_params", None) or {}
             prefix = params.get(task.config_task_key, {}).get("prefix", "")
-        return cls(task, family, tokenizer, max_source_tokens, max_target_tokens, prefix)
+        instruction = instruction or task.instruction
+        if instruction_turn == "auto":
+            chat = not family.is_encoder_decoder and tokenizer.chat_template
+            instruction_turn = "user" if chat and not template_keeps_system_turn(tokenizer, instruction) else "system"
+        return cls(task, family, tokenizer, max_source_tokens, max_target_tokens, prefix, instruction,
+                   instruction_turn)
 
     def _source_texts(self, sources: list[str]) -> list[str]:
         # truncate in tokens, then go back to text so the template (or prefix) wraps whole tokens
@@ -43,9 +66,12 @@ class Prompter:
         if self.family.is_encoder_decoder:
             return self.prefix + source
         if tok.chat_template:
-            messages = [{"role": "system", "content": self.task.instruction}, {"role": "user", "content": source}]
+            if self.instruction_turn == "user":  # under the template's own system turn, if it writes one
+                messages = [{"role": "user", "content": f"{self.instruction.rstrip()}\n{source}"}]
+            else:
+                messages = [{"role": "system", "content": self.instruction}, {"role": "user", "content": source}]
             return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{self.task.instruction}\n\n{source}\n\n"
+        return f"{self.instruction}\n\n{source}\n\n"
 
     def prompts(self, sources: list[str]) -> list[list[int]]:
         """Token ids the model is given at generation time, one list per source (tokenised in one batch)."""

@@ -168,7 +168,7 @@ def _load_pieces(config: RunConfig, method: Method, model_path: str, tokenizer_p
     tokenizer = load_tokenizer(tokenizer_path, family, config.trust_remote_code)
     model = load_model(model_path, family, weights_dtype, config.trust_remote_code)
     prompter = Prompter.create(task, family, tokenizer, model_config, config.max_source_tokens,
-                               config.max_target_tokens)
+                               config.max_target_tokens, config.instruction, config.instruction_turn)
     return Loaded(task, method, family, model_path, model, tokenizer, prompter)
 
 
@@ -183,7 +183,7 @@ def load_for_training(config: RunConfig, dev: torch.device, dtype: torch.dtype) 
     model = loaded.model
     freeze_fixed_tables(model)
     use_fp32_attention_on_cpu(model, dev, dtype)
-    context = MethodContext(loaded.family, model, model_path, loaded.task.instruction)
+    context = MethodContext(loaded.family, model, model_path, loaded.prompter.instruction)
     peft_config = method.peft_config(context, config.method_options)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)

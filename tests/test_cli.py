@@ -198,6 +198,16 @@ def test_every_setting_is_a_flag_of_the_commands_it_concerns():
     assert DECODING_SETTINGS <= test & infer and not DECODING_SETTINGS & train
     assert TEST_SETTINGS <= test and not TEST_SETTINGS & (train | infer)
     assert {"learning_rate", "method_options", "epochs"} <= train - test - infer
+    # the prompt is part of what was trained: test and inference take it from the run, never a flag
+    assert {"instruction", "instruction_turn"} <= train - test - infer
+
+
+@pytest.mark.parametrize("command", ["setup", "train", "test", "inference", "grid", "report"])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats help texts with %: a setting's help with a bare % (\"within 5%\") broke test -h."""
+    with pytest.raises(SystemExit) as exit_info:
+        _run(command, "-h")
+    assert exit_info.value.code == 0 and f"usage: peft-nlg {command}" in capsys.readouterr().out
 
 
 def test_run_py_maps_the_original_flags():
