@@ -233,52 +233,19 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                  equal_tokens_per_step, n_train) -> dict:
     on_gpu = dev.type == "cuda"
     row = {}
-    # --- baseline: the reference recipe as written
-    quality_rows = test_rows[: args.quality_prompts]
-    model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev)
-    dt = timer.t1 - timer.t0
-    row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
-                       "peak_memory_gb": B.peak() if on_gpu else None,
-                       **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev)}
-    del model
-    # the recipe's own run-to-run spread, the noise "same quality" is measured against (other data orders,
-    # initial adapters and dropout masks)
-    other_seeds = []
-    for seed in range(1, args.quality_seeds + 1):
-        model, _ = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed)
-        other_seeds.append({"seed": seed, **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev)})
-        del model
-    if other_seeds:
-        row["baseline"]["other_seeds"] = other_seeds
-    torch.cuda.empty_cache() if on_gpu else None
-
-    # --- ours at the baseline's tokens per step and learning rate, same examples: quality + memory
     lr = 2e-4  # the recipe trains every method at 2e-4 (its part "arch")
     common = {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
               "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
               "seed": 0, "method_options": _baseline_like_options(name),
               **_recipe_prompt(B),  # the same prompts as the recipe: the prompt is not a speed lever
               "compile": False}  # eager unless measured with compiled blocks on purpose (below)
-    equal = build_config({**common, "output_dir": str(work / name / "equal"), "train_examples": n_train,
-                          "epochs": 1, "batch_tokens": equal_tokens_per_step, "max_batch_size": 4 * bs,
-                          "learning_rate": lr, "eval_every": 10**9})
-    reset_peak_memory(dev)
-    record = train(equal)
-    row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
-                         "steps": record["steps"], "train_tokens": record["train_tokens"],
-                         **_equal_budget_quality(equal, valid_rows, quality_rows, dev)}
-    other_seeds = []
-    for seed in range(1, args.quality_seeds + 1):  # the same run but for its seed (initial adapter, batch order)
-        again = dataclasses.replace(equal, seed=seed, output_dir=str(work / name / f"equal-seed{seed}"))
-        train(again)
-        other_seeds.append({"seed": seed, **_equal_budget_quality(again, valid_rows, quality_rows, dev)})
-    if other_seeds:
-        row["ours_equal"]["other_seeds"] = other_seeds
-
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
-    # since a random model almost never emits EOS and every prompt runs to the new-token limit
-    dtype = compute_dtype(equal, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
+    # since a random model almost never emits EOS and every prompt runs to the new-token limit. Timed before
+    # any training in the process: after the trainings, the recipe's LoRA generation (which casts every frozen
+    # fp32 weight to bf16 at each step) ran at a third of its speed in a fresh process (32.6 against 90-112 new
+    # tokens/s on the 2-core CPU, 2026-11-28), so with several --methods only the first is timed fresh
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
+    dtype = compute_dtype(gen_config, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
     fold_adapter_for_generation(loaded, args.merge_adapter)  # and folds LoRA / IA3 in where it does
@@ -298,6 +265,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                                 show_progress=False)[1] for _ in range(repeats)), key=lambda r: r["new_tokens_per_s"])
         return {**runs[len(runs) // 2], **_repeat_rates([r["new_tokens_per_s"] for r in runs])}
 
+    recipe_generation = {}
     for search in ("greedy", "beam"):
         # no n-gram blocking: the recipe has none, and equal work needs every prompt to run to the limit
         settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search, no_repeat_ngram=0,
@@ -314,9 +282,46 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         B.generate(model, base_tok, "dialogue", test_rows[:8])  # warm-up, as for ours
         rates = sorted(round(B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])[1], 1)
                        for _ in range(repeats))
-        row["baseline"].update(gen_tokens_per_s=rates[len(rates) // 2], **_repeat_rates(rates))
+        recipe_generation = {"gen_tokens_per_s": rates[len(rates) // 2], **_repeat_rates(rates)}
         del model
+    loaded = None  # its memory, before the trainings
     torch.cuda.empty_cache() if on_gpu else None
+
+    # --- baseline: the reference recipe as written
+    quality_rows = test_rows[: args.quality_prompts]
+    model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev)
+    dt = timer.t1 - timer.t0
+    row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
+                       "peak_memory_gb": B.peak() if on_gpu else None,
+                       **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev), **recipe_generation}
+    del model
+    # the recipe's own run-to-run spread, the noise "same quality" is measured against (other data orders,
+    # initial adapters and dropout masks)
+    other_seeds = []
+    for seed in range(1, args.quality_seeds + 1):
+        model, _ = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed)
+        other_seeds.append({"seed": seed, **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev)})
+        del model
+    if other_seeds:
+        row["baseline"]["other_seeds"] = other_seeds
+    torch.cuda.empty_cache() if on_gpu else None
+
+    # --- ours at the baseline's tokens per step and learning rate, same examples: quality + memory
+    equal = build_config({**common, "output_dir": str(work / name / "equal"), "train_examples": n_train,
+                          "epochs": 1, "batch_tokens": equal_tokens_per_step, "max_batch_size": 4 * bs,
+                          "learning_rate": lr, "eval_every": 10**9})
+    reset_peak_memory(dev)
+    record = train(equal)
+    row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
+                         "steps": record["steps"], "train_tokens": record["train_tokens"],
+                         **_equal_budget_quality(equal, valid_rows, quality_rows, dev)}
+    other_seeds = []
+    for seed in range(1, args.quality_seeds + 1):  # the same run but for its seed (initial adapter, batch order)
+        again = dataclasses.replace(equal, seed=seed, output_dir=str(work / name / f"equal-seed{seed}"))
+        train(again)
+        other_seeds.append({"seed": seed, **_equal_budget_quality(again, valid_rows, quality_rows, dev)})
+    if other_seeds:
+        row["ours_equal"]["other_seeds"] = other_seeds
 
     # --- ours at the device's default batch: the speed a user gets
     default = build_config({**common, "output_dir": str(work / name / "default"), "max_steps": our_steps,
