@@ -2,15 +2,17 @@
 
 Both recipes start from the same randomly initialised model of the embedded model's architecture
 (SmolLM2-135M: config and tokenizer from --arch-dir) and train on the same dialogue examples. The
-reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and called as is. Per method:
+reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and called as is; ours gets the
+recipe's prompt (its instruction in the user turn), so the two differ only in how they train and generate.
+Per method, generation first (timed before any training in the process, see bench_method):
 
+  generation  our test-mode generation, greedy and beam, and the recipe's greedy generate, on the same prompts
   baseline    its Trainer, batch 32 (4 on CPU), pad to longest; real tokens/s after warm-up; peak memory;
               greedy generate in batches of 32
   ours-equal  our training loop at the baseline's real tokens per step and learning rate, on the same
               examples: speed, peak memory at equal tokens per step, and validation loss after the same
               budget (the quality check)
   ours        our loop at its default batch for the device: the speed a user gets
-  generation  our test-mode generation, greedy and beam, on the same prompts
   quality     after the equal-budget training, both recipes' greedy replies to the same test prompts, scored
               with the dialogue metrics (with --init-dir holding real weights, e.g. the embedded model,
               this is the "same quality" check on text; from a random initialisation both score near zero);
@@ -18,7 +20,8 @@ reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and call
               how far one run's validation loss and scores move by chance, the recipe's and ours side by side
 
 Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
-something with the device named in the JSON.
+something with the device named in the JSON. For generation timed in a fresh process, measure one method per
+call and join the files with --merge.
 
   python benchmarks/speed.py --arch-dir ~/.cache/peft-nlg/models/SmolLM2-135M-Instruct \\
       --baseline ../shared/bench/hf_trainer_baseline.py --out benchmarks/results/DATE-CARD.json
