@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from peft_nlg.formatting import INSTRUCTION_TURNS
 from peft_nlg.methods import get_method
 from peft_nlg.models import EMBEDDED_MODEL
 from peft_nlg.tasks import get_task
@@ -74,7 +75,7 @@ class RunConfig:
     instruction_turn: str = field(default="auto", metadata={
         "help": "decoder-only chat models: the instruction as its own system turn, or on the line before the "
                 "source in the user turn; auto: system, or user where the chat template has no system role",
-        "choices": ("auto", "system", "user")})
+        "choices": INSTRUCTION_TURNS})
     # test / inference
     search: str = field(default="greedy", metadata={
         "help": "greedy, beam, sample, or auto (test: the task's decoding search on the validation split picks; "
