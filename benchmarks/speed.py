@@ -6,7 +6,8 @@ reference recipe is ``hf_trainer_baseline.py`` (shared/bench), imported and call
 recipe's prompt (its instruction in the user turn), so the two differ only in how they train and generate.
 Per method, generation first (timed before any training in the process, see bench_method):
 
-  generation  our test-mode generation, greedy and beam, and the recipe's greedy generate, on the same prompts
+  generation  our test-mode generation, greedy and beam, and the recipe's greedy generate, on the same prompts;
+              ours' greedy and the recipe's timed in alternating rounds
   baseline    its Trainer, batch 32 (4 on CPU), pad to longest; real tokens/s after warm-up; peak memory;
               greedy generate in batches of 32
   ours-equal  our training loop at the baseline's real tokens per step and learning rate, on the same
@@ -66,6 +67,8 @@ from peft_nlg.tasks import TASKS
 from peft_nlg.training import train, use_compiled_blocks
 
 METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
+# the methods whose generation the recipe times (its part "arch"); the others it trains only
+RECIPE_TIMES_GENERATION = ("none", "lora")
 
 
 def load_baseline(path: Path, out_dir: Path):
@@ -121,8 +124,13 @@ def main() -> int:
     ap.add_argument("--baseline-steps", type=int, default=0, help="0: 70 on GPU, 14 on CPU (10 are warm-up)")
     ap.add_argument("--our-steps", type=int, default=0, help="steps of our default-batch run (0: 40 GPU, 8 CPU)")
     ap.add_argument("--gen-prompts", type=int, default=0,
-                    help="prompts to generate for (0: 1000 GPU, 256 CPU; test mode batches up to 1,024 and 128)")
-    ap.add_argument("--baseline-gen-prompts", type=int, default=0, help="0: 96 on GPU, 64 on CPU")
+                    help="prompts to generate for greedily (0: 1000 GPU, 512 CPU; test mode sorts the whole test "
+                         "split by length into batches of up to 1,024 and 128 prompts, so a few batches' worth "
+                         "measures it, and one batch of every length does not)")
+    ap.add_argument("--baseline-gen-prompts", type=int, default=0,
+                    help="the recipe's greedy prompts, the first of ours (0: 96 on GPU, as many as ours on CPU)")
+    ap.add_argument("--beam-prompts", type=int, default=0,
+                    help="prompts for our beam search, the first of ours (0: all on GPU, 128 on CPU)")
     ap.add_argument("--valid-examples", type=int, default=64)
     ap.add_argument("--gen-repeats", type=int, default=0,
                     help="time each generation this many times, report the median (0: 3 on CPU, 1 on GPU)")
@@ -165,8 +173,9 @@ def main() -> int:
     bs = args.baseline_batch or (32 if on_gpu else 4)
     base_steps = args.baseline_steps or (70 if on_gpu else 14)
     our_steps = args.our_steps or (40 if on_gpu else 8)
-    n_gen = args.gen_prompts or (1000 if on_gpu else 256)
-    n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else 64)
+    n_gen = args.gen_prompts or (1000 if on_gpu else 512)
+    n_base_gen = args.baseline_gen_prompts or (96 if on_gpu else n_gen)
+    args.beam_prompts = min(args.beam_prompts or (n_gen if on_gpu else 128), n_gen)
     args.quality_prompts = args.quality_prompts or (200 if on_gpu else 32)
     if args.quality_seeds < 0:  # from a random initialisation the check only guards against breakage
         args.quality_seeds = 2 if args.init_dir else 0
@@ -213,7 +222,8 @@ def main() -> int:
                "baseline_batch": bs, "baseline_steps": base_steps,
                "real_tokens_per_example": round(real_per_example, 1),
                "equal_tokens_per_step": equal_tokens_per_step,
-               "gen_prompts": {"ours": n_gen, "baseline": n_base_gen},
+               "gen_prompts": {"ours": n_gen, "baseline": n_base_gen, "ours_beam": args.beam_prompts},
+               "gen_timing": "ours' greedy and the recipe's in alternating rounds",
                "prompt": {"both": "the recipe's", **_recipe_prompt(B)}, "methods": {}}
     for name in args.methods.split(","):
         try:
@@ -260,33 +270,43 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     # varied by about ±20% within minutes
     repeats = args.gen_repeats or (1 if on_gpu else 3)
 
-    def timed_generation(settings) -> dict:
-        # warm-up (kernel loading, allocator growth) outside the timing, for both recipes, as in training
+    def warm_up(settings) -> None:  # kernel loading, allocator growth: outside the timing, for both recipes
         generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts[:8],
                  dataclasses.replace(settings, max_new_tokens=4), dev, dtype, show_progress=False)
-        runs = sorted((generate(loaded.model, loaded.tokenizer, loaded.prompter, prompts, settings, dev, dtype,
-                                show_progress=False)[1] for _ in range(repeats)), key=lambda r: r["new_tokens_per_s"])
-        return {**runs[len(runs) // 2], **_repeat_rates([r["new_tokens_per_s"] for r in runs])}
 
-    recipe_generation = {}
-    for search in ("greedy", "beam"):
-        # no n-gram blocking: the recipe has none, and equal work needs every prompt to run to the limit
-        settings = dataclasses.replace(decoding(gen_config, on_gpu), search=search, no_repeat_ngram=0,
-                                       greedy_loop=args.greedy_loop)
-        row[f"ours_gen_{search}"] = timed_generation(settings)
-        if search == "greedy" and args.also_greedy_loop:  # the other loop in the same process, for a ratio
-            row[f"ours_gen_greedy_{args.also_greedy_loop}_loop"] = timed_generation(
-                dataclasses.replace(settings, greedy_loop=args.also_greedy_loop))
-        if search == "greedy" and args.cudnn_attention_too:
-            row["ours_gen_greedy_cudnn_attention"] = timed_generation(
-                dataclasses.replace(settings, cudnn_attention=True))
-    if name in ("none", "lora"):  # the recipe times generation for these two only
-        model = _recipe_model(B, name, init_dir, dev)
-        B.generate(model, base_tok, "dialogue", test_rows[:8])  # warm-up, as for ours
-        rates = sorted(round(B.generate(model, base_tok, "dialogue", test_rows[:n_base_gen])[1], 1)
-                       for _ in range(repeats))
-        recipe_generation = {"gen_tokens_per_s": rates[len(rates) // 2], **_repeat_rates(rates)}
-        del model
+    def time_ours(settings, sources=prompts) -> dict:
+        return generate(loaded.model, loaded.tokenizer, loaded.prompter, sources, settings, dev, dtype,
+                        show_progress=False)[1]
+
+    def timed_generation(settings, sources=prompts) -> dict:
+        warm_up(settings)
+        return _median_run([time_ours(settings, sources) for _ in range(repeats)])
+
+    # no n-gram blocking: the recipe has none, and equal work needs every prompt to run to the limit
+    greedy = dataclasses.replace(decoding(gen_config, on_gpu), search="greedy", no_repeat_ngram=0,
+                                 greedy_loop=args.greedy_loop)
+    # ours' greedy generation and the recipe's in alternating rounds, so that a drift of the shared machine's
+    # speed (ours' greedy rate moved from 375 to 295-328 new tokens/s between two runs on the 2-core CPU,
+    # 2026-11-28) touches both sides of the ratio alike
+    recipe_model = _recipe_model(B, name, init_dir, dev) if name in RECIPE_TIMES_GENERATION else None
+    warm_up(greedy)
+    if recipe_model is not None:
+        B.generate(recipe_model, base_tok, "dialogue", test_rows[:8])
+    ours_runs, recipe_rates = [], []
+    for _ in range(repeats):
+        ours_runs.append(time_ours(greedy))
+        if recipe_model is not None:
+            recipe_rates.append(round(B.generate(recipe_model, base_tok, "dialogue", test_rows[:n_base_gen])[1], 1))
+    row["ours_gen_greedy"] = _median_run(ours_runs)
+    recipe_generation = ({"gen_tokens_per_s": sorted(recipe_rates)[len(recipe_rates) // 2],
+                          **_repeat_rates(sorted(recipe_rates))} if recipe_rates else {})
+    del recipe_model
+    if args.also_greedy_loop:  # the other loop in the same process, for a ratio
+        row[f"ours_gen_greedy_{args.also_greedy_loop}_loop"] = timed_generation(
+            dataclasses.replace(greedy, greedy_loop=args.also_greedy_loop))
+    if args.cudnn_attention_too:
+        row["ours_gen_greedy_cudnn_attention"] = timed_generation(dataclasses.replace(greedy, cudnn_attention=True))
+    row["ours_gen_beam"] = timed_generation(dataclasses.replace(greedy, search="beam"), prompts[:args.beam_prompts])
     loaded = None  # its memory, before the trainings
     torch.cuda.empty_cache() if on_gpu else None
 
@@ -435,7 +455,7 @@ def _quality(scores: dict) -> str:
 
 # what must agree for results measured in separate calls to stand in one table
 _SETUP = ("device", "versions", "weights", "arch", "baseline_batch", "baseline_steps", "real_tokens_per_example",
-          "equal_tokens_per_step", "gen_prompts", "prompt")
+          "equal_tokens_per_step", "gen_prompts", "gen_timing", "prompt")
 
 
 def merge_results(parts: list[dict], names: list[str]) -> dict:
@@ -458,6 +478,12 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
 
 def _repeat_rates(rates: list[float]) -> dict:
     return {"repeat_rates": rates} if len(rates) > 1 else {}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The generation statistics of the median timing, with every timing's rate."""
+    runs = sorted(runs, key=lambda run: run["new_tokens_per_s"])
+    return {**runs[len(runs) // 2], **_repeat_rates([run["new_tokens_per_s"] for run in runs])}
 
 
 def _recipe_prompt(B) -> dict:

@@ -84,6 +84,15 @@ def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
         speed.merge_results([first, other_card], ["a.json", "b.json"])
 
 
+def test_a_generation_timing_reports_the_median_run_and_every_rate():
+    speed = _speed_module()
+    runs = [{"new_tokens_per_s": rate, "generate_seconds": seconds}
+            for rate, seconds in ((310.0, 21.0), (280.5, 23.2), (402.0, 16.1))]
+    assert speed._median_run(runs) == {"new_tokens_per_s": 310.0, "generate_seconds": 21.0,
+                                       "repeat_rates": [280.5, 310.0, 402.0]}
+    assert speed._median_run(runs[:1]) == runs[0]  # one timing: no spread to show
+
+
 def test_saved_activations_count_what_the_backward_pass_keeps():
     """A frozen linear layer keeps no input for its backward pass, a trained one keeps it, and computes one
     product more (its weight's gradient): the measures behind the comparison of methods
