@@ -298,8 +298,8 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         if recipe_model is not None:
             recipe_rates.append(round(B.generate(recipe_model, base_tok, "dialogue", test_rows[:n_base_gen])[1], 1))
     row["ours_gen_greedy"] = _median_run(ours_runs)
-    recipe_generation = ({"gen_tokens_per_s": sorted(recipe_rates)[len(recipe_rates) // 2],
-                          **_repeat_rates(sorted(recipe_rates))} if recipe_rates else {})
+    recipe_generation = _median_run([{"gen_tokens_per_s": rate} for rate in recipe_rates],
+                                    "gen_tokens_per_s") if recipe_rates else {}
     del recipe_model
     if args.also_greedy_loop:  # the other loop in the same process, for a ratio
         row[f"ours_gen_greedy_{args.also_greedy_loop}_loop"] = timed_generation(
@@ -480,10 +480,10 @@ def _repeat_rates(rates: list[float]) -> dict:
     return {"repeat_rates": rates} if len(rates) > 1 else {}
 
 
-def _median_run(runs: list[dict]) -> dict:
-    """The generation statistics of the median timing, with every timing's rate."""
-    runs = sorted(runs, key=lambda run: run["new_tokens_per_s"])
-    return {**runs[len(runs) // 2], **_repeat_rates([run["new_tokens_per_s"] for run in runs])}
+def _median_run(runs: list[dict], rate: str = "new_tokens_per_s") -> dict:
+    """The statistics of the median timing by ``rate``, with every timing's rate."""
+    runs = sorted(runs, key=lambda run: run[rate])
+    return {**runs[len(runs) // 2], **_repeat_rates([run[rate] for run in runs])}
 
 
 def _recipe_prompt(B) -> dict:
