@@ -115,22 +115,46 @@ def record_grouped_prefills(monkeypatch, rows: int) -> list[bool]:
     return record_whether_it_applied(monkeypatch, "prefill_by_length")
 
 
+def test_shared_prefix_length_counts_the_common_real_tokens_and_leaves_each_row_one():
+    pad = 0
+    rows = [[pad, pad, 5, 6, 7, 8, 9], [5, 6, 7, 1, 2, 3, 4], [pad, 5, 6, 7, 8, 2, 2]]
+    ids = torch.tensor(rows)
+    lengths = (ids != pad).sum(1)
+    assert generation.shared_prefix_length(ids, lengths) == 3  # 5 6 7, wherever each row starts
+    same = torch.tensor([[pad, 5, 6, 7], [5, 6, 7, 8]])
+    assert generation.shared_prefix_length(same, (same != pad).sum(1)) == 2  # the shorter row keeps its last token
+    differ = torch.tensor([[pad, 4, 6, 7], [5, 6, 7, 8]])
+    assert generation.shared_prefix_length(differ, (differ != pad).sum(1)) == 0
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
-    """The prefill in groups of rows (each group without the padding columns it does not need) gives the
-    same tokens as transformers' one-call prefill; it runs for decoder-only models with plain inputs, and
-    encoder-decoders and peft's prompt-learning methods (virtual tokens) keep the one-call prefill."""
+    """The prefill in groups of rows (each group without the padding columns it does not need), with or
+    without the prompts' common beginning computed once, gives the same tokens as transformers' one-call
+    prefill; it runs for decoder-only models with plain inputs, and encoder-decoders and peft's
+    prompt-learning methods (virtual tokens) keep the one-call prefill."""
     loaded = _perturbed(tiny_models[arch], method)
     grouped = record_grouped_prefills(monkeypatch, rows=2)
+    shared_lengths, own_shared_length = [], generation.shared_prefix_length
     texts = {}
-    for loop in ("transformers", "ours"):
-        texts[loop] = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
-                               DecodingSettings(max_new_tokens=10, greedy_loop=loop), CPU, show_progress=False)[0]
-    assert texts["ours"] == texts["transformers"] and sum(map(len, texts["ours"])) > 0
+    for loop in ("transformers", "ours", "ours without a shared beginning"):
+        monkeypatch.setattr(generation, "shared_prefix_length", (
+            lambda ids, lengths: shared_lengths.append(own_shared_length(ids, lengths)) or shared_lengths[-1])
+            if loop == "ours" else (lambda ids, lengths: 0))
+        settings = DecodingSettings(max_new_tokens=10, greedy_loop=loop.split()[0])
+        texts[loop] = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES, settings, CPU,
+                               show_progress=False)[0]
+    assert texts["ours"] == texts["transformers"] == texts["ours without a shared beginning"]
+    assert sum(map(len, texts["ours"])) > 0
     peft_config = getattr(loaded.model, "active_peft_config", None)
     plain_inputs = not (loaded.prompter.family.is_encoder_decoder or getattr(peft_config, "is_prompt_learning", False))
-    assert grouped == [plain_inputs]
+    assert grouped == [plain_inputs] * 2
+    # the system turn and the instruction's first tokens: what every prompt's token list begins with
+    prompts = loaded.prompter.prompts(MANY_SOURCES)
+    common = next(n for n in range(len(prompts[0]) + 1)
+                  if n == min(map(len, prompts)) - 1 or len({tuple(p[:n + 1]) for p in prompts}) > 1)
+    assert shared_lengths == ([common] if plain_inputs else []) and (common > 10 or not plain_inputs)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
