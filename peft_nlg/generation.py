@@ -251,16 +251,18 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
         # zeros: a masked position must not hold what could turn into NaN in attention
         return states.new_zeros((batch, *states.shape[1:-2], capacity, states.shape[-1]))
 
+    def prefill_part(part: dict, cache: DynamicCache):
+        return model._prefill(part["input_ids"], generation_config,
+                              {**model_kwargs, "attention_mask": part["attention_mask"],
+                               "position_ids": part["position_ids"], "cache": cache})
+
     shared = shared_prefix_length(input_ids, lengths)
     if shared:
         first = width - int(lengths[0])
         prefix = {"input_ids": input_ids[:1, first:first + shared], "position_ids": positions[:1, first:first + shared],
                   "attention_mask": mask[:1, first:first + shared]}
-        prefix_cache = model._prefill(prefix["input_ids"], generation_config,
-                                      {**model_kwargs, "attention_mask": prefix["attention_mask"],
-                                       "position_ids": prefix["position_ids"],
-                                       "cache": DynamicCache(config=model.config)})["cache"]
-        prefix_states = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        prefix_states = [(layer.keys, layer.values)
+                         for layer in prefill_part(prefix, DynamicCache(config=model.config))["cache"].layers]
     logits = rooms = outputs = None
     for rows in lengths.argsort(stable=True).split(PREFILL_ROWS):
         start = width - int(lengths[rows].max()) + shared  # the group's own columns, after the common beginning
@@ -273,9 +275,7 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
             group = {key: torch.cat([prefix[key].expand(len(rows), -1), value], dim=1) for key, value in group.items()}
             group_cache = DynamicCache([(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1))
                                         for keys, values in prefix_states], config=model.config)
-        group_kwargs = {**model_kwargs, "attention_mask": group["attention_mask"],
-                        "position_ids": group["position_ids"], "cache": group_cache}
-        outputs = model._prefill(group["input_ids"], generation_config, group_kwargs)
+        outputs = prefill_part(group, group_cache)
         group_states = [(layer.keys[..., shared:, :], layer.values[..., shared:, :])
                         for layer in outputs["cache"].layers]
         if logits is None:
