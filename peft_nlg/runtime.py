@@ -95,10 +95,19 @@ def use_fp32_attention_on_cpu(model: torch.nn.Module, dev: torch.device, dtype: 
     (``_sdpa_in_fp32``); models with their own attention code are left alone. The setting is not saved."""
     if dev.type != "cpu" or dtype != torch.bfloat16 or getattr(model.config, "_attn_implementation", "") != "sdpa":
         return
+    register_fp32_attention()
+    model.set_attn_implementation(CPU_BF16_ATTENTION)
+
+
+def register_fp32_attention() -> None:
+    """Register ``_sdpa_in_fp32`` with transformers under ``CPU_BF16_ATTENTION``, with SDPA's mask builder:
+    transformers gives an attention function registered without one no mask at all, so padding was attended
+    to (T5) and prefix tuning's virtual tokens were cut off by the causal-only path (until 2026-11-28)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(CPU_BF16_ATTENTION, _sdpa_in_fp32)
-    model.set_attn_implementation(CPU_BF16_ATTENTION)
+    AttentionMaskInterface.register(CPU_BF16_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def compute_dtype(config: RunConfig, dev: torch.device) -> torch.dtype:

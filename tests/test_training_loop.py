@@ -5,16 +5,19 @@ import json
 import math
 from collections import Counter
 
+import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_nlg import runtime, training
+from peft_nlg.batching import collate
 from peft_nlg.config import build_config
 from peft_nlg.data.io import read_pairs
 from peft_nlg.evaluation import decoding
 from peft_nlg.evaluation import test as run_test
 from peft_nlg.generation import generate
+from peft_nlg.methods import METHODS
 from peft_nlg.runtime import load_for_training
 
 
@@ -181,6 +184,27 @@ def test_bf16_training_on_the_cpu_computes_attention_in_fp32(tiny_models, tmp_pa
     t5 = _config(tiny_models["t5"], data, tmp_path / "t5", method="lora", precision="bf16", max_steps=1)
     assert load_for_training(t5, cpu, torch.bfloat16).model.config._attn_implementation == runtime.CPU_BF16_ATTENTION
     assert math.isfinite(training.train(t5)["best_valid_loss"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fp32_attention_gets_the_masks_sdpa_gets(tiny_models, tmp_path, arch, method):
+    """The registered fp32 attention must see the masks transformers builds for SDPA: registered without a mask
+    builder it got none, so T5 attended to padding and prefix tuning lost its virtual tokens."""
+    data = _data(tmp_path / "data")
+    config = _config(tiny_models[arch], data, tmp_path / "run", method=method, precision="fp32")
+    loaded = load_for_training(config, torch.device("cpu"), torch.float32)
+    model = loaded.model.eval()
+    rows = read_pairs(data / "translation" / "train.jsonl")[:4]  # sources of three lengths: padding in the batch
+    batch = collate(loaded.prompter.encode_many(rows), loaded.tokenizer.pad_token_id, "right")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    losses = {}
+    runtime.register_fp32_attention()
+    for implementation in ("sdpa", runtime.CPU_BF16_ATTENTION):
+        base.set_attn_implementation(implementation)
+        with torch.no_grad():
+            losses[implementation] = model(**batch).loss.item()
+    assert losses["sdpa"] == pytest.approx(losses[runtime.CPU_BF16_ATTENTION], rel=1e-6, abs=0), losses
 
 
 def test_auto_precision_on_a_cpu_follows_its_bf16_matrix_units(monkeypatch):
