@@ -67,6 +67,22 @@ def test_the_quality_check_shows_how_far_other_seeds_moved_each_recipe():
     assert "seeds" not in none_row  # measured with one seed: nothing to show
 
 
+def test_our_weights_decoded_the_recipes_way_get_a_column_of_their_own():
+    results = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-cpu-3-real-weights.json").read_text())
+    ours = results["methods"]["lora"]["ours_equal"]
+    ours["test_scores_recipe_decoding"] = {**ours["test_scores"], "rougeL": 8.31}
+    ours["other_seeds"] = [{"seed": 1, "valid_loss": 4.51, "test_scores": ours["test_scores"],
+                            "test_scores_recipe_decoding": {**ours["test_scores"], "rougeL": 8.12}},
+                           {"seed": 2, "valid_loss": 4.49, "test_scores": ours["test_scores"],
+                            "test_scores_recipe_decoding": {"error": "RuntimeError: shapes"}}]
+    lines = _speed_module().markdown_table(results).splitlines()
+    assert "| test ROUGE-L base / ours@equal | test ROUGE-L ours@equal, the recipe's decoding |" in lines[0]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    lora_row, none_row = lines[2:]
+    assert "/ 9.52 (9.52–9.52, 3 seeds) | 8.31 (8.12–8.31, 2 seeds) |" in lora_row  # a failed decoding: no score
+    assert none_row.split(" | ")[8] == "–"  # measured before the column existed
+
+
 def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
     speed = _speed_module()
     whole = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-h200.json").read_text())
