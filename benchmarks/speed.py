@@ -571,19 +571,19 @@ def _test_cell(base: dict, ours: dict) -> str:
     """Older result files have no quality check."""
     if "test_scores" not in ours:
         return "–"
-    def rouge(run):
-        return run["test_scores"].get("rougeL")  # none where the recipe's generate failed
-    return (f"{_quality(base['test_scores'])}{_seed_spread(base, rouge, 2)} / "
-            f"{_quality(ours['test_scores'])}{_seed_spread(ours, rouge, 2)}")
+    return f"{_rouge_cell(base, 'test_scores')} / {_rouge_cell(ours, 'test_scores')}"
 
 
 def _recipe_decoding_cell(ours: dict) -> str:
     """Our trained weights decoded by the recipe's generate: the training compared alone."""
-    if "test_scores_recipe_decoding" not in ours:
-        return "–"
-    def rouge(run):
-        return run.get("test_scores_recipe_decoding", {}).get("rougeL")
-    return f"{_quality(ours['test_scores_recipe_decoding'])}{_seed_spread(ours, rouge, 2)}"
+    return _rouge_cell(ours, "test_scores_recipe_decoding") if "test_scores_recipe_decoding" in ours else "–"
+
+
+def _rouge_cell(run: dict, scores: str) -> str:
+    """ROUGE-L of ``run[scores]`` with its spread over seeds; a failed decoding counts for no seed."""
+    def rouge(seed_run):
+        return seed_run.get(scores, {}).get("rougeL")
+    return f"{_quality(run[scores])}{_seed_spread(run, rouge, 2)}"
 
 
 def _valid_cell(base: dict, ours: dict) -> str:
