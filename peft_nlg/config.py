@@ -52,6 +52,10 @@ class RunConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
+    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps (0: --warmup-ratio decides)"})
+    lr_schedule: str = field(default="linear", metadata={
+        "help": "the learning rate after the warm-up: linear or cosine decay to 0, or constant",
+        "choices": ("linear", "cosine", "constant")})
     batch_tokens: int = field(default=0, metadata={
         "help": "padded tokens per micro-batch (0: 2048 on CPU, 32768 on GPU)"})
     max_batch_size: int = field(default=0, metadata={"help": "examples per micro-batch at most (0: 64 CPU, 512 GPU)"})
@@ -112,6 +116,12 @@ class RunConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     profile_steps: int = field(default=0, metadata={
         "help": "profile this many training steps after 5 warm-up steps (torch.profiler; writes profile.txt)"})
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: choose from {', '.join(choices)}")
 
     def resolved_sizes(self, on_gpu: bool) -> dict:
         """Batch sizes with 0 ("auto") replaced by a sensible value for the device.
@@ -183,4 +193,7 @@ def save_config(config: RunConfig, path: Path) -> None:
 def load_config_file(path: Path) -> RunConfig:
     values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     check_keys(values, str(path))
-    return RunConfig(**values)
+    try:
+        return RunConfig(**values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

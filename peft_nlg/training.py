@@ -11,6 +11,7 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -145,6 +146,16 @@ def _save_best(out: Path, model, tokenizer) -> None:
     tmp.rename(final)
 
 
+def learning_rate_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate's multiple at optimizer step ``step`` (from 0): a linear warm-up over ``warmup`` steps
+    (the first step already moves), then ``schedule`` ("linear" or "cosine" down towards 0 at ``total``,
+    or "constant")."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    return {"linear": 1.0 - done, "cosine": 0.5 * (1.0 + math.cos(math.pi * done)), "constant": 1.0}[schedule]
+
+
 def steady_rate(step_times: list[list[float]]) -> float:
     """Tokens/s after the first steps (allocator warm-up, kernel selection), as benchmarks report it."""
     skip = min(10, len(step_times) // 5)
@@ -260,9 +271,10 @@ def _train(config: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate, fused=dev.type == "cuda")
-    warmup = max(1, int(config.warmup_ratio * total_steps))
+    warmup = config.warmup_steps or max(1, int(config.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+        optimizer, functools.partial(learning_rate_factor, warmup=warmup, total=total_steps,
+                                     schedule=config.lr_schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "best_valid_loss": None,

@@ -216,3 +216,31 @@ def test_auto_precision_on_a_cpu_follows_its_bf16_matrix_units(monkeypatch):
     assert runtime.compute_dtype(config, cpu) == torch.float32
     assert runtime._inference_dtype(cpu, torch.bfloat16) == torch.float32  # an explicit bf16 trains, tests in fp32
     assert runtime.compute_dtype(build_config({"precision": "fp32"}), cpu) == torch.float32
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    # warm-up over 2 steps (the first already moves), then down towards 0 at step 6
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.5, 1.0, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 - math.cos(math.pi / 4)) / 2]),
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_each_step_uses_the_scheduled_learning_rate(tiny_models, tmp_path, monkeypatch, schedule, expected):
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    config = _config(tiny_models["llama"], _data(tmp_path / "data", n_train=24), tmp_path / "run", max_steps=6,
+                     batch_tokens=200, warmup_steps=2, lr_schedule=schedule, patience=99)
+    training.train(config)
+    assert used == pytest.approx([1e-3 * factor for factor in expected])
+
+
+def test_linear_decay_and_a_misspelt_schedule_is_one_clear_error():
+    assert [training.learning_rate_factor(s, warmup=4, total=8, schedule="linear") for s in range(8)] == \
+        pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ValueError, match=r"lr_schedule='cosin': choose from linear, cosine, constant"):
+        build_config({"lr_schedule": "cosin"})
