@@ -201,11 +201,8 @@ def main() -> int:
     train_rows = read_pairs(data_dir / "dialogue" / "train.jsonl")[: bs * base_steps]
     valid_rows = read_pairs(data_dir / "dialogue" / "valid.jsonl")[: args.valid_examples]
     test_rows = read_pairs(data_dir / "dialogue" / "test.jsonl")[: max(n_gen, n_base_gen, args.quality_prompts)]
-    bench_data = work / "data"
-    (bench_data / "dialogue").mkdir(parents=True)
-    for split, rows in (("train", read_pairs(data_dir / "dialogue" / "train.jsonl")), ("valid", valid_rows),
-                        ("test", test_rows)):
-        (bench_data / "dialogue" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench_data, recipe_data = write_bench_data(work, read_pairs(data_dir / "dialogue" / "train.jsonl"), train_rows,
+                                               valid_rows, test_rows)
 
     # the baseline's own tokenizer handling (pad = EOS when missing) and encoding
     base_tok = AutoTokenizer.from_pretrained(init_dir)
@@ -224,12 +221,13 @@ def main() -> int:
                "equal_tokens_per_step": equal_tokens_per_step,
                "gen_prompts": {"ours": n_gen, "baseline": n_base_gen, "ours_beam": args.beam_prompts},
                "gen_timing": "ours' greedy and the recipe's in alternating rounds",
-               "prompt": {"both": "the recipe's", **_recipe_prompt(B)}, "methods": {}}
+               "prompt": {"both": "the recipe's", **_recipe_prompt(B)},
+               "equal_budget_examples": "the recipe's", "methods": {}}
     for name in args.methods.split(","):
         try:
             row = bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows,
-                               test_rows, bench_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen,
-                               real_per_example, equal_tokens_per_step, len(train_rows))
+                               test_rows, bench_data, recipe_data, work, dev, bs, base_steps, our_steps, n_gen,
+                               n_base_gen, real_per_example, equal_tokens_per_step)
         except Exception as err:  # keep measuring the other methods; the JSON says what failed
             row = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
             torch.cuda.empty_cache() if on_gpu else None
@@ -241,9 +239,21 @@ def main() -> int:
     return 0
 
 
+def write_bench_data(work: Path, train_split: list[dict], recipe_rows: list[dict], valid_rows: list[dict],
+                     test_rows: list[dict]) -> tuple[Path, Path]:
+    """Two copies of the dialogue data: the whole train split (for the speed runs) and the recipe's own training
+    examples, nothing else (for the runs whose quality is set beside the recipe's). Returns their data dirs."""
+    dirs = work / "data", work / "data-recipe-examples"
+    for root, train_rows in zip(dirs, (train_split, recipe_rows), strict=True):
+        (root / "dialogue").mkdir(parents=True)
+        for split, rows in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
+            (root / "dialogue" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dirs
+
+
 def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows, test_rows,
-                 bench_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen, real_per_example,
-                 equal_tokens_per_step, n_train) -> dict:
+                 bench_data, recipe_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen, real_per_example,
+                 equal_tokens_per_step) -> dict:
     on_gpu = dev.type == "cuda"
     row = {}
     lr = 2e-4  # the recipe trains every method at 2e-4 (its part "arch")
@@ -329,8 +339,9 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         row["baseline"]["other_seeds"] = other_seeds
     torch.cuda.empty_cache() if on_gpu else None
 
-    # --- ours at the baseline's tokens per step and learning rate, same examples: quality + memory
-    equal = build_config({**common, "output_dir": str(work / name / "equal"), "train_examples": n_train,
+    # --- ours at the baseline's tokens per step and learning rate, on its examples: quality + memory (until
+    # 2026-11-28 on a random subset of the train split of the same size, a different one per seed)
+    equal = build_config({**common, "data_dir": str(recipe_data), "output_dir": str(work / name / "equal"),
                           "epochs": 1, "batch_tokens": equal_tokens_per_step, "max_batch_size": 4 * bs,
                           "learning_rate": lr, "eval_every": 10**9})
     reset_peak_memory(dev)
@@ -466,7 +477,7 @@ def _quality(scores: dict) -> str:
 
 # what must agree for results measured in separate calls to stand in one table
 _SETUP = ("device", "versions", "weights", "arch", "baseline_batch", "baseline_steps", "real_tokens_per_example",
-          "equal_tokens_per_step", "gen_prompts", "gen_timing", "prompt")
+          "equal_tokens_per_step", "gen_prompts", "gen_timing", "prompt", "equal_budget_examples")
 
 
 def merge_results(parts: list[dict], names: list[str]) -> dict:

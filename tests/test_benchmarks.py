@@ -140,3 +140,15 @@ def test_committed_activation_counts_render_one_row_each(path):
     rows = module.markdown_table(results).splitlines()[2:]
     assert len(rows) == len(results["rows"]) > 0
     assert all(f"| {r['method']} |" in row for r, row in zip(results["rows"], rows, strict=True))
+
+
+def test_the_runs_set_beside_the_recipes_quality_train_on_its_examples_only(tmp_path):
+    from peft_nlg.data.io import read_pairs
+    split = [{"src": f"message {i}", "trg": f"reply {i}"} for i in range(30)]
+    recipe_rows = split[:8]
+    speed_data, recipe_data = _speed_module().write_bench_data(tmp_path, split, recipe_rows, split[8:10], split[10:12])
+    assert read_pairs(recipe_data / "dialogue" / "train.jsonl") == recipe_rows
+    assert read_pairs(speed_data / "dialogue" / "train.jsonl") == split
+    for data in (speed_data, recipe_data):
+        assert read_pairs(data / "dialogue" / "valid.jsonl") == split[8:10]
+        assert read_pairs(data / "dialogue" / "test.jsonl") == split[10:12]
