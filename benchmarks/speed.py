@@ -458,6 +458,9 @@ def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dic
     quality = {"valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, valid, dev), 4),
                "test_scores": _scores(replies, quality_rows)}
     as_trained = load_trained(config.out, dataclasses.replace(config, merge_adapter="no"), dev, torch.float32)
+    # the loss as the recipe scores its own model: fp32 weights (under bf16 autocast on a GPU), so that on a CPU
+    # the comparison is not between fp32 and bf16 arithmetic
+    quality["valid_loss_recipe_evaluation"] = round(answer_loss(as_trained.model, as_trained.tokenizer, valid, dev), 4)
     try:  # the recipe's generate fails for some methods (prefix tuning), as it does on its own models
         replies, _ = B.generate(as_trained.model, tokenizer, "dialogue", quality_rows)
         quality["test_scores_recipe_decoding"] = _scores(replies, quality_rows)
@@ -600,8 +603,14 @@ def _rouge_cell(run: dict, scores: str) -> str:
 def _valid_cell(base: dict, ours: dict) -> str:
     def loss(run):
         return run["valid_loss"]
-    return (f"{base['valid_loss']:.3f}{_seed_spread(base, loss, 3)} / "
+    def loss_as_the_recipe_evaluates(run):
+        return run.get("valid_loss_recipe_evaluation")
+    cell = (f"{base['valid_loss']:.3f}{_seed_spread(base, loss, 3)} / "
             f"{ours['valid_loss']:.3f}{_seed_spread(ours, loss, 3)}")
+    if "valid_loss_recipe_evaluation" in ours:  # since 2026-11-28 (25th session)
+        cell += (f"; ours evaluated as the recipe evaluates its own: {ours['valid_loss_recipe_evaluation']:.3f}"
+                 f"{_seed_spread(ours, loss_as_the_recipe_evaluates, 3)}")
+    return cell
 
 
 def _seed_spread(run: dict, value, decimals: int) -> str:

@@ -152,3 +152,15 @@ def test_the_runs_set_beside_the_recipes_quality_train_on_its_examples_only(tmp_
     for data in (speed_data, recipe_data):
         assert read_pairs(data / "dialogue" / "valid.jsonl") == split[8:10]
         assert read_pairs(data / "dialogue" / "test.jsonl") == split[10:12]
+
+
+def test_our_loss_evaluated_as_the_recipe_evaluates_its_own_stands_beside_it():
+    results = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-cpu-3-real-weights.json").read_text())
+    ours = results["methods"]["lora"]["ours_equal"]
+    ours["valid_loss_recipe_evaluation"] = 4.5871
+    ours["other_seeds"] = [{"seed": 1, "valid_loss": 4.61, "valid_loss_recipe_evaluation": 4.6094,
+                            "test_scores": ours["test_scores"]}]
+    lines = _speed_module().markdown_table(results).splitlines()
+    lora_row, none_row = lines[2:]
+    assert "; ours evaluated as the recipe evaluates its own: 4.587 (4.587–4.609, 2 seeds) |" in lora_row
+    assert "evaluated" not in none_row
