@@ -121,7 +121,7 @@ class RunConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: choose from {', '.join(choices)}")
+                raise ValueError(f"{f.name} must be {', '.join(choices)}, not {getattr(self, f.name)!r}")
 
     def resolved_sizes(self, on_gpu: bool) -> dict:
         """Batch sizes with 0 ("auto") replaced by a sensible value for the device.

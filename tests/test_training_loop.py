@@ -242,5 +242,5 @@ def test_each_step_uses_the_scheduled_learning_rate(tiny_models, tmp_path, monke
 def test_linear_decay_and_a_misspelt_schedule_is_one_clear_error():
     assert [training.learning_rate_factor(s, warmup=4, total=8, schedule="linear") for s in range(8)] == \
         pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25])
-    with pytest.raises(ValueError, match=r"lr_schedule='cosin': choose from linear, cosine, constant"):
+    with pytest.raises(ValueError, match=r"lr_schedule must be linear, cosine, constant, not 'cosin'"):
         build_config({"lr_schedule": "cosin"})
