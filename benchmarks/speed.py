@@ -35,8 +35,10 @@ import atexit
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -222,7 +224,8 @@ def main() -> int:
                "gen_prompts": {"ours": n_gen, "baseline": n_base_gen, "ours_beam": args.beam_prompts},
                "gen_timing": "ours' greedy and the recipe's in alternating rounds",
                "prompt": {"both": "the recipe's", **_recipe_prompt(B)},
-               "equal_budget_examples": "the recipe's", "methods": {}}
+               "equal_budget_examples": "the recipe's", "equal_budget_schedule": _recipe_schedule(B),
+               "methods": {}}
     for name in args.methods.split(","):
         try:
             row = bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows,
@@ -339,11 +342,12 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
         row["baseline"]["other_seeds"] = other_seeds
     torch.cuda.empty_cache() if on_gpu else None
 
-    # --- ours at the baseline's tokens per step and learning rate, on its examples: quality + memory (until
-    # 2026-11-28 on a random subset of the train split of the same size, a different one per seed)
+    # --- ours at the baseline's tokens per step, learning rate and schedule, on its examples: quality + memory
+    # (until 2026-11-28 on a random subset of the train split of the same size, a different one per seed, and
+    # with our default schedule)
     equal = build_config({**common, "data_dir": str(recipe_data), "output_dir": str(work / name / "equal"),
                           "epochs": 1, "batch_tokens": equal_tokens_per_step, "max_batch_size": 4 * bs,
-                          "learning_rate": lr, "eval_every": 10**9})
+                          "learning_rate": lr, **_recipe_schedule(B), "eval_every": 10**9})
     reset_peak_memory(dev)
     record = train(equal)
     row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
@@ -480,7 +484,8 @@ def _quality(scores: dict) -> str:
 
 # what must agree for results measured in separate calls to stand in one table
 _SETUP = ("device", "versions", "weights", "arch", "baseline_batch", "baseline_steps", "real_tokens_per_example",
-          "equal_tokens_per_step", "gen_prompts", "gen_timing", "prompt", "equal_budget_examples")
+          "equal_tokens_per_step", "gen_prompts", "gen_timing", "prompt", "equal_budget_examples",
+          "equal_budget_schedule")
 
 
 def merge_results(parts: list[dict], names: list[str]) -> dict:
@@ -517,6 +522,20 @@ def _recipe_prompt(B) -> dict:
     instruction as the system turn) scored a point of ROUGE-L less with LoRA after the recipe's 14 CPU steps
     (7.03-7.42 against 8.27-8.32), and the recipe's prompt gave ours 7.99 and 8.31 (2026-11-27)."""
     return {"instruction": B.INSTR["dialogue"], "instruction_turn": "user"}
+
+
+def _recipe_schedule(B) -> dict:
+    """Our settings for the recipe's learning-rate schedule, read from its `train` (its warm-up steps and
+    transformers' scheduler name): like the learning rate, a schedule is a choice of training, not a speed lever.
+    Our default (5% of the steps to warm up, then linear decay) warms up for one step of the recipe's budget,
+    which cost full fine-tuning about 0.05 of validation loss on the real weights (three seeds, 2026-11-28)."""
+    source = inspect.getsource(B.train)
+    warmup = re.search(r"warmup_steps\s*=\s*(\d+)", source)
+    schedule = re.search(r"lr_scheduler_type\s*=\s*[\"'](\w+)[\"']", source)
+    if warmup is None or schedule is None:
+        raise ValueError("the recipe's train() no longer names warmup_steps= and lr_scheduler_type=: "
+                         "set its schedule in benchmarks/speed.py by hand")
+    return {"warmup_steps": int(warmup.group(1)), "lr_schedule": schedule.group(1)}
 
 
 def _baseline_like_options(name: str) -> dict:

@@ -164,3 +164,21 @@ def test_our_loss_evaluated_as_the_recipe_evaluates_its_own_stands_beside_it():
     lora_row, none_row = lines[2:]
     assert "; ours evaluated as the recipe evaluates its own: 4.587 (4.587–4.609, 2 seeds) |" in lora_row
     assert "evaluated" not in none_row
+
+
+def test_the_equal_budget_runs_take_the_recipes_schedule_from_its_own_code(tmp_path):
+    def recipe(body: str):
+        path = tmp_path / f"recipe_{len(list(tmp_path.iterdir()))}.py"
+        path.write_text(f"def train(model, tok, data, bs, steps=None, epochs=1, lr=2e-4):\n    {body}\n")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    speed = _speed_module()
+    written = recipe('return dict(learning_rate=lr, warmup_steps=5, lr_scheduler_type="cosine")')
+    assert speed._recipe_schedule(written) == {"warmup_steps": 5, "lr_schedule": "cosine"}
+    other = recipe("return dict(warmup_steps = 12, lr_scheduler_type='linear')")
+    assert speed._recipe_schedule(other) == {"warmup_steps": 12, "lr_schedule": "linear"}
+    with pytest.raises(ValueError, match="warmup_steps= and lr_scheduler_type="):
+        speed._recipe_schedule(recipe("return dict(warmup_ratio=0.1)"))
