@@ -10,11 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
 
 
-def _benchmark_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+def _load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _benchmark_module(name: str):
+    return _load_module(ROOT / "benchmarks" / f"{name}.py")
 
 
 def _speed_module():
@@ -170,10 +174,7 @@ def test_the_equal_budget_runs_take_the_recipes_schedule_from_its_own_code(tmp_p
     def recipe(body: str):
         path = tmp_path / f"recipe_{len(list(tmp_path.iterdir()))}.py"
         path.write_text(f"def train(model, tok, data, bs, steps=None, epochs=1, lr=2e-4):\n    {body}\n")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return _load_module(path)
 
     speed = _speed_module()
     written = recipe('return dict(learning_rate=lr, warmup_steps=5, lr_scheduler_type="cosine")')
