@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and plots from run records")
     report.add_argument("--records", default="results", help="folder of committed run records")
     report.add_argument("--readme", default="README.md")
-    report.add_argument("--check", action="store_true", help="fail if the README table is out of date")
+    report.add_argument("--check", action="store_true",
+                        help="fail if the README table, RESULTS.md or a plot is out of date")
     return parser
 
 

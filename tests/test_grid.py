@@ -410,3 +410,56 @@ def test_search_table_marks_a_selected_rate_left_at_the_edge():
     rows = search_table([at_edge, inside]).splitlines()[2:]
     assert rows[0].endswith("| 0.002 |") and "none" in rows[0]
     assert rows[1].endswith("| 0.004 (edge: the best may lie beyond) |") and "lora" in rows[1]
+
+
+def test_report_check_covers_the_readme_block_results_md_and_every_plot(tmp_path, capsys):
+    """The README block shows the plots, and each PNG carries a fingerprint of what it was drawn from, so
+    `report --check` fails on a stale or missing plot and on an edited RESULTS.md, as on an edited table
+    (the committed study's records as input)."""
+    from PIL import Image
+
+    rec = tmp_path / "rec"
+    for task in ("translation", "dialogue"):
+        shutil.copytree(REPO / "results" / task, rec / task)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+
+    def check() -> str:
+        capsys.readouterr()
+        assert report(rec, check=True, readme=readme) == 1
+        return capsys.readouterr().err
+
+    assert report(rec, readme=readme) == 0 and report(rec, check=True, readme=readme) == 0
+    block = readme.read_text()
+    assert "![Quality against trainable parameters" in block and "](rec/quality_vs_cost.png)" in block
+    assert "](rec/peak_memory.png)" in block and "learning_curves" not in block  # no ladder records yet
+    with Image.open(rec / "peak_memory.png") as image:
+        assert len(image.text["peft-nlg data"]) == 64
+
+    # a table run's score changed: the table, RESULTS.md and the quality plot no longer show the records
+    selected = json.loads((rec / "translation" / "lora" / "lr_search.json").read_text())["selected_lr"]
+    path = next((rec / "translation" / "lora" / f"lr{selected:g}-nall").glob("record-test-*.json"))
+    record = json.loads(path.read_text())
+    record["scores"]["bleu"] += 1
+    path.write_text(json.dumps(record))
+    err = check()
+    assert "README.md: results table differs" in err and "RESULTS.md: differs from the records" in err
+    assert "quality_vs_cost.png: drawn from other records" in err and "peak_memory.png" not in err
+    assert report(rec, readme=readme) == 0 and report(rec, check=True, readme=readme) == 0
+
+    # a plot deleted, or the same picture saved again without its fingerprint, is named
+    (rec / "peak_memory.png").unlink()
+    assert "peak_memory.png: missing" in check()
+    assert report(rec, readme=readme) == 0
+    with Image.open(rec / "quality_vs_cost.png") as image:
+        image.load()
+        image.save(rec / "quality_vs_cost.png")
+    err = check()
+    assert "quality_vs_cost.png: drawn from other records" in err and "README.md" not in err
+    assert report(rec, readme=readme) == 0
+
+    # RESULTS.md edited by hand
+    details = rec / "RESULTS.md"
+    details.write_text(details.read_text().replace("| translation | lora |", "| translation | LoRA |", 1))
+    err = check()
+    assert err.strip().startswith(f"{details}: differs from the records") and len(err.strip().splitlines()) == 1
