@@ -35,6 +35,16 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_batch_size
     return batches
 
 
+def split_for_memory(batch: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """A batch's rows in length-grouped chunks of at most ``max_tokens`` padded tokens each (a longer row stays
+    alone); 0: no limit. The chunks' summed losses are the batch's, so their gradients add up to the same step,
+    with a fraction of the activations held at once."""
+    if not max_tokens or len(batch) * max(lengths[i] for i in batch) <= max_tokens:
+        return [batch]
+    chunks = token_budget_batches([lengths[i] for i in batch], max_tokens, len(batch))
+    return [[batch[j] for j in chunk] for chunk in chunks]
+
+
 def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
     width = max(len(r) for r in rows)
     padded = [([value] * (width - len(r)) + r) if side == "left" else (r + [value] * (width - len(r))) for r in rows]

@@ -17,9 +17,9 @@ from peft_nlg.tasks import TASKS
 # settings that only make sense for some subcommands; the rest are shared
 _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "learning_rate", "weight_decay",
                "warmup_ratio", "warmup_steps", "lr_schedule", "batch_tokens", "max_batch_size", "grad_accum",
-               "max_grad_norm", "compile", "gradient_checkpointing", "eval_every", "patience", "max_valid_examples",
-               "resume", "report_to", "save_checkpoints", "method_options", "max_source_tokens", "max_target_tokens",
-               "precision", "model", "seed", "profile_steps", "instruction", "instruction_turn"}
+               "max_forward_tokens", "max_grad_norm", "compile", "gradient_checkpointing", "eval_every", "patience",
+               "max_valid_examples", "resume", "report_to", "save_checkpoints", "method_options", "max_source_tokens",
+               "max_target_tokens", "precision", "model", "seed", "profile_steps", "instruction", "instruction_turn"}
 
 
 def _parse_options(text: str) -> dict:

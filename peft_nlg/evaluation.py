@@ -138,7 +138,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
         "train": {k: train_record.get(k) for k in (
             "train_seconds", "train_tokens", "train_tokens_per_s", "train_examples", "steps", "best_valid_loss",
             "peak_memory_gb", "peak_memory_kind", "compute_dtype", "data_fingerprints", "command",
-            "concurrent_runs", "attention_kernels")}
+            "concurrent_runs", "attention_kernels", "batch_sizes")}
         # its speed differs from eager runs'; records before 2026-11-27 said it in the configuration only
         | {"compiled": bool(train_record.get("compiled", train_record.get("config", {}).get("compile")))}
         if train_record else None,

@@ -150,10 +150,11 @@ def _search_record(records: Path, task: str, method: str) -> Path:
     return records / task / method / "lr_search.json"
 
 
-# settings that change nothing a training run computes (compiled blocks compute the same, up to rounding)
+# settings that change nothing a training run computes (compiled blocks and batches split for memory compute the
+# same, up to rounding)
 _NOT_TRAINING = DECODING_SETTINGS | TEST_SETTINGS | {
     "output_dir", "resume", "overwrite", "threads", "report_to", "save_checkpoints", "compile", "profile_steps",
-    "cudnn_attention"}
+    "cudnn_attention", "max_forward_tokens"}
 
 
 def _training_differences(have: dict, overrides: dict, work: Path) -> list[str]:

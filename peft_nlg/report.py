@@ -307,10 +307,7 @@ def plot_contents(records: list[dict]) -> dict[str, dict]:
     contents = {"quality_vs_cost.png": quality}
 
     names = [m for m in METHODS if any((m, t) in trained for t in TASKS)]
-    # memory grows with the tokens of a step, so the plot says at how many, and on what
-    settings = sorted({f"{r['hardware'].get('gpu') or r['hardware'].get('cpu') or '?'}, "
-                       + (f"{r['config']['batch_tokens']} padded tokens per step" if r["config"].get("batch_tokens")
-                          else "automatic batch size") for r in trained.values()})
+    settings = sorted({_memory_setting(r) for r in trained.values()})
     contents["peak_memory.png"] = {
         "methods": [ROW_TITLES[m] for m in names], "settings": settings,
         "peak_gb": {task: [(trained.get((m, task)) or {}).get("train", {}).get("peak_memory_gb") or 0 for m in names]
@@ -326,6 +323,18 @@ def plot_contents(records: list[dict]) -> dict[str, dict]:
             "lines": [{"title": ROW_TITLES[m], "points": sorted(ladder[(task, m)].items())}
                       for m in METHODS if len(ladder.get((task, m), {})) > 1]} for task in TASKS}
     return contents
+
+
+def _memory_setting(record: dict) -> str:
+    """Memory grows with the tokens of a forward pass, so the memory plot says how many, and on what."""
+    where = record["hardware"].get("gpu") or record["hardware"].get("cpu") or "?"
+    # resolved sizes since 2026-11-28; before, what the configuration asked (0: the device's default)
+    sizes = record["train"].get("batch_sizes") or {"batch_tokens": record["config"].get("batch_tokens")}
+    step, limit = sizes["batch_tokens"], sizes.get("max_forward_tokens")
+    if not step:
+        return f"{where}, the device's default batch size"
+    return f"{where}, {step} padded tokens per step" + (f" in passes of at most {limit}" if limit and limit < step
+                                                        else "")
 
 
 def plot_fingerprint(content: dict) -> str:

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from peft_nlg.batching import token_budget_batches, training_batch
+from peft_nlg.batching import split_for_memory, token_budget_batches, training_batch
 from peft_nlg.config import COMPILE_MIN_STEPS, RunConfig, save_config
 from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.data.splits import fingerprint
@@ -301,7 +301,9 @@ def _train(config: RunConfig) -> dict:
     window_loss, window_count = torch.zeros((), device=dev), 0
     while not stop:
         plan = epoch_plan(state["epoch"])
-        steps = [plan[i:i + config.grad_accum] for i in range(0, len(plan), config.grad_accum)]
+        steps = [[rows for batch in plan[i:i + config.grad_accum]
+                  for rows in split_for_memory(batch, train_lengths, sizes["max_forward_tokens"])]
+                 for i in range(0, len(plan), config.grad_accum)]
         upcoming = None
         for index in range(state["batch_in_epoch"], len(steps)):
             synchronize(dev)
@@ -389,6 +391,7 @@ def _train(config: RunConfig) -> dict:
         "history": state["history"], "compute_dtype": str(dtype).removeprefix("torch."),
         "attention_kernels": attention_kernel_names(config.cudnn_attention),
         "compiled": compiled, "compiled_reason": compile_reason,
+        "batch_sizes": sizes,  # as resolved for this device (the configuration's 0 means "auto")
         **peak_memory_gb(dev),
         "model_size_bytes": dir_size_bytes(out / "model"),
         "data_fingerprints": data_fingerprints,

@@ -72,6 +72,11 @@ def test_grid_is_reproducible_resumable_and_reported(tiny_models, tiny_data, tmp
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
     run_grid(spec, tmp_path / "rec1", tmp_path / "work1", log=lambda *_: None)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
+    # nor for a setting that changes how, not what, a run computes: batches split into passes for memory
+    spec.overrides = {**spec.overrides, "max_forward_tokens": 64}
+    run_grid(spec, tmp_path / "rec1", tmp_path / "work1", log=lambda *_: None)
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "rec1").rglob("*.json")}
+    spec.overrides = {k: v for k, v in spec.overrides.items() if k != "max_forward_tokens"}
 
     # records made with other training settings are not mixed into this grid's results: refused, by name
     spec.overrides = {**spec.overrides, "warmup_ratio": 0.2}

@@ -244,3 +244,51 @@ def test_linear_decay_and_a_misspelt_schedule_is_one_clear_error():
         pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25])
     with pytest.raises(ValueError, match=r"lr_schedule must be linear, cosine, constant, not 'cosin'"):
         build_config({"lr_schedule": "cosin"})
+
+
+@pytest.mark.parametrize(("arch", "method"), [("llama", "none"), ("llama", "prefix_tuning"), ("t5", "lora")])
+def test_batches_split_for_memory_train_the_same_weights(tiny_models, tmp_path, monkeypatch, arch, method):
+    """``max_forward_tokens`` runs a batch in chunks of rows whose gradients add up to the whole batch's: the
+    same steps, tokens and trained weights (fp32, up to rounding), with no pass above the limit."""
+    from safetensors.torch import load_file
+
+    from peft_nlg.batching import split_for_memory
+
+    data = _data(tmp_path / "data", n_train=16)
+    passes = []
+    real_training_batch = training.training_batch
+
+    def recording_training_batch(features, *args):
+        batch, n_targets, n_real = real_training_batch(features, *args)
+        passes.append((len(features), batch["input_ids"].numel() + (batch["labels"].numel() if arch == "t5" else 0)))
+        return batch, n_targets, n_real
+
+    monkeypatch.setattr(training, "training_batch", recording_training_batch)
+    runs = {}
+    for name, limit in (("whole", 10**9), ("split", 200)):
+        passes.clear()
+        config = _config(tiny_models[arch], data, tmp_path / name, method=method, epochs=2, batch_tokens=800,
+                         max_forward_tokens=limit, precision="fp32", patience=9)
+        record = training.train(config)
+        weights = {k: v for f in sorted((tmp_path / name / "model").glob("*.safetensors")) for k, v in
+                   load_file(f).items()}
+        assert passes[0][0] == 2  # the first batch built is validation's (both examples), which is not split
+        runs[name] = (record, weights, passes[1:])
+    (whole, whole_weights, whole_passes), (split, split_weights, split_passes) = runs["whole"], runs["split"]
+    assert (split["steps"], split["train_tokens"]) == (whole["steps"], whole["train_tokens"])
+    assert len(split_passes) > len(whole_passes)  # the limit did split batches ...
+    # ... above the limit, as no pass of the split run is, and chunks hold several rows where they fit
+    assert max(t for _, t in whole_passes) > 200 >= max(t for _, t in split_passes)
+    assert max(rows for rows, _ in split_passes) > 1
+    assert [round(h["valid_loss"], 3) for h in split["history"]] == [round(h["valid_loss"], 3)
+                                                                    for h in whole["history"]]
+    assert whole_weights.keys() == split_weights.keys()
+    for key, value in whole_weights.items():
+        torch.testing.assert_close(split_weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert split["config"]["max_forward_tokens"] == 200
+    # the chunks cover the batch's rows once each, every chunk within the limit unless one row alone exceeds it
+    lengths = [5, 9, 3, 30, 8, 8, 2]
+    chunks = split_for_memory(list(range(7)), lengths, 16)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(7))
+    assert all(len(c) * max(lengths[i] for i in c) <= 16 or len(c) == 1 for c in chunks) and [3] in chunks
+    assert split_for_memory([0, 1, 2], lengths, 27) == [[0, 1, 2]] == split_for_memory([0, 1, 2], lengths, 0)
