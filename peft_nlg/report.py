@@ -327,9 +327,10 @@ def plot_contents(records: list[dict]) -> dict[str, dict]:
 
 def _memory_setting(record: dict) -> str:
     """Memory grows with the tokens of a forward pass, so the memory plot says how many, and on what."""
-    where = record["hardware"].get("gpu") or record["hardware"].get("cpu") or "?"
+    hardware = record.get("hardware") or {}
+    where = hardware.get("gpu") or hardware.get("cpu") or "?"
     # resolved sizes since 2026-11-28; before, what the configuration asked (0: the device's default)
-    sizes = record["train"].get("batch_sizes") or {"batch_tokens": record["config"].get("batch_tokens")}
+    sizes = record["train"].get("batch_sizes") or {"batch_tokens": (record.get("config") or {}).get("batch_tokens")}
     step, limit = sizes["batch_tokens"], sizes.get("max_forward_tokens")
     if not step:
         return f"{where}, the device's default batch size"
