@@ -63,7 +63,7 @@ class RunConfig:
     max_forward_tokens: int = field(default=0, metadata={
         "help": "padded tokens per forward and backward pass at most: a larger batch runs in row chunks whose "
                 "gradients add up to the batch's (the same step up to rounding, less memory at once; 0: 4096 on "
-                "CPU, no limit on GPU)"})
+                "CPU, no limit on GPU; a large number lifts the CPU's limit)"})
     max_grad_norm: float = 1.0
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs and on CPUs with AMX, else fp32), bf16 or fp32"})
@@ -135,10 +135,10 @@ class RunConfig:
         memory moderate and the step large enough for small models, where per-step overhead shows.
         """
         auto = {"batch_tokens": (2048, 32768), "max_batch_size": (64, 512),
-                "gen_batch_tokens": (32768, 262144), "gen_max_batch_size": (128, 1024)}
-        # a CPU machine has a fraction of a GPU's memory: full fine-tuning of SmolLM2-135M on 16k-token batches
-        # (the study's) went past the 2-core machine's 24 GB and was killed; split, each pass costs the same
-        auto["max_forward_tokens"] = (4096, 0)
+                "gen_batch_tokens": (32768, 262144), "gen_max_batch_size": (128, 1024),
+                # a CPU machine has a fraction of a GPU's memory: full fine-tuning of SmolLM2-135M on 16k-token
+                # batches (the study's) went past the 2-core machine's 24 GB and was killed (0 on GPU: no limit)
+                "max_forward_tokens": (4096, 0)}
         return {name: getattr(self, name) or choices[on_gpu] for name, choices in auto.items()}
 
     @property
