@@ -446,12 +446,12 @@ def report(records_dir: Path, check: bool = False, readme: Path = Path("README.m
     table = main_table(records, details)
     current = readme.read_text(encoding="utf-8")
     expected = replace_block(current, table)
+    results_md = records_dir / "RESULTS.md"
+    details_text = results_markdown(records, load_searches(records_dir)) if records else None
     if check:
         problems = [] if expected == current else [f"{readme}: results table differs from the records in {records_dir}"]
         if records:
-            results_md = records_dir / "RESULTS.md"
-            wanted = results_markdown(records, load_searches(records_dir))
-            if not results_md.is_file() or results_md.read_text(encoding="utf-8") != wanted:
+            if not results_md.is_file() or results_md.read_text(encoding="utf-8") != details_text:
                 problems.append(f"{results_md}: differs from the records beside it")
             problems += stale_plots(records, records_dir)
         for problem in problems:
@@ -463,7 +463,7 @@ def report(records_dir: Path, check: bool = False, readme: Path = Path("README.m
     atomic_write_text(readme, expected)
     if records:
         records_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(records_dir / "RESULTS.md", results_markdown(records, load_searches(records_dir)))
+        atomic_write_text(results_md, details_text)
         for path in plots(records, records_dir):
             print(f"wrote {path}")
     print(table)
