@@ -22,14 +22,29 @@ _TRAIN_ONLY = {"epochs", "max_steps", "train_token_budget", "train_examples", "l
                "max_target_tokens", "precision", "model", "seed", "profile_steps", "instruction", "instruction_turn"}
 
 
+def _top_level_items(text: str) -> list[str]:
+    """Split at the commas outside brackets: `a=1,b=[x,y]` -> ["a=1", "b=[x,y]"]."""
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char in "[{(") - (char in "]})")
+        if char == "," and depth == 0:
+            items.append(text[start:index])
+            start = index + 1
+    return [item.strip() for item in (*items, text[start:]) if item.strip()]
+
+
 def _parse_options(text: str) -> dict:
-    """`r=16,lora_alpha=32` -> {"r": 16, "lora_alpha": 32} (values parsed as YAML scalars)."""
+    """`r=16,target_modules=[q_proj,v_proj]` -> {"r": 16, "target_modules": ["q_proj", "v_proj"]} (values parsed
+    as YAML, so lists and mappings in brackets work)."""
     options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in _top_level_items(text):
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected key=value, got '{item}'")
         key, value = item.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise argparse.ArgumentTypeError(f"cannot read the value of '{key.strip()}': {value}") from error
     return options
 
 

@@ -40,21 +40,21 @@ def _captured_head_input(model: torch.nn.Module):
         handle.remove()
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _chunk_ce(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    # the head module itself, not its weight: an adapter on the head (LoRA targeting ``lm_head``, say) lives in
+    # the module's forward, and ``head.weight`` would be the frozen base alone (no update, no gradient)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                           chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, h, head.weight, head.bias, t, use_reentrant=False)
+            total = total + checkpoint(_chunk_ce, h, head, t, use_reentrant=False)
         else:
-            total = total + _chunk_ce(h, head.weight, head.bias, t)
+            total = total + _chunk_ce(h, head, t)
     return total
 
 

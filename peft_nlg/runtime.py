@@ -256,6 +256,21 @@ def fold_error(model: torch.nn.Module) -> float:
     return (lost / update) ** 0.5 if update else 0.0
 
 
+def layers_sharing_adapted_weights(model: torch.nn.Module) -> list[str]:
+    """Adapted layers whose base weight another module also holds, as tied input and output embeddings do.
+
+    Folding writes the update into that one shared tensor, so it also changes the module the adapter did not
+    adapt, or adds the update twice where both are adapted (peft's ``merge_and_unload`` does either silently;
+    logits of a tiny tied model moved by 255 after folding a LoRA on its embeddings): such an adapter generates
+    as loaded."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    return sorted(name for name, layer in model.named_modules()
+                  if isinstance(layer, BaseTunerLayer) and layer.active_adapters
+                  and len(holders.get(id(getattr(layer.get_base_layer(), "weight", None)), [])) > 1)
+
+
 def fold_adapter_for_generation(loaded: Loaded, setting: str) -> Loaded:
     """``--merge-adapter``: fold a LoRA or IA3 adapter into the base weights before generating.
 
@@ -263,12 +278,20 @@ def fold_adapter_for_generation(loaded: Loaded, setting: str) -> Loaded:
     every layer: a 30-layer model's greedy decoding with LoRA went from 267 to 412 new tokens/s on the 2-core
     CPU (docs/benchmarks.md). In fp32 the outputs are the same. A bf16 weight keeps about 3 significant digits,
     so an update smaller than half a rounding step of the base weight is lost: ``auto`` measures that loss
-    (``fold_error``) and folds only within ``FOLD_TOLERANCE``; ``yes`` folds anyway.
+    (``fold_error``) and folds only within ``FOLD_TOLERANCE``; ``yes`` folds anyway, except where an adapted
+    weight is shared with another module (``layers_sharing_adapted_weights``), which folding would corrupt.
     The model is no longer trainable afterwards: this is for test and inference only.
     """
     if setting not in ("auto", "yes", "no"):
         raise ValueError(f"merge_adapter must be auto, yes or no, not '{setting}'")
     if setting == "no" or not loaded.method.merges_into_base or not isinstance(loaded.model, PeftModel):
+        return loaded
+    shared = layers_sharing_adapted_weights(loaded.model)
+    if shared:
+        if setting == "yes":
+            raise ValueError(f"cannot fold the adapter: the weight of its layer {shared[0]} is shared with another "
+                             "module (tied embeddings), so folding would change that module too; use --merge-adapter "
+                             "no")
         return loaded
     loaded.fold_error = round(fold_error(loaded.model), 4)
     if setting == "yes" or loaded.fold_error <= FOLD_TOLERANCE:

@@ -171,6 +171,41 @@ def test_auto_folds_an_adapter_only_when_the_folded_weights_keep_its_update(tiny
         fold_adapter_for_generation(loaded, "always")
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], ["q_proj", "embed_tokens", "lm_head"]])
+def test_an_adapter_on_tied_embeddings_is_never_folded(tiny_models, targets):
+    """The tiny Llama ties its input and output embeddings: folding a LoRA on them would write the update into the
+    shared weight (changing the head as well, or adding it twice), so auto keeps the adapter as loaded, with the
+    same logits, and yes refuses in one clear line. An adapter on untied layers alone still folds."""
+    from peft_nlg.runtime import fold_adapter_for_generation, layers_sharing_adapted_weights
+
+    def perturbed_lora(target_modules):
+        torch.manual_seed(0)
+        config = build_config({"task": "dialogue", "method": "lora", "model": str(tiny_models["llama"]),
+                               "method_options": {"target_modules": target_modules}})
+        loaded = load_for_training(config, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            for param in loaded.model.parameters():
+                if param.requires_grad:
+                    param.add_(0.3 * torch.randn_like(param))
+        loaded.model.eval()
+        return loaded
+
+    ids = torch.tensor([[3, 10, 11, 12, 4, 13, 14]])
+    loaded = perturbed_lora(targets)
+    assert any("embed_tokens" in name for name in layers_sharing_adapted_weights(loaded.model))
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).logits
+    kept = fold_adapter_for_generation(loaded, "auto")
+    assert kept.adapter_merged is False
+    with torch.no_grad():
+        torch.testing.assert_close(kept.model(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="shared with another module"):
+        fold_adapter_for_generation(perturbed_lora(targets), "yes")
+    untied = perturbed_lora(["q_proj", "v_proj"])
+    assert layers_sharing_adapted_weights(untied.model) == []
+    assert fold_adapter_for_generation(untied, "auto").adapter_merged is True
+
+
 def test_bad_test_file_is_one_clear_line(tiny_models, tiny_data, tmp_path):
     out = tmp_path / "run"
     assert _run(*_train_args(tiny_models["t5"], tiny_data, out, "translation", "ia3")) == 0
@@ -248,6 +283,23 @@ def test_presets_and_layered_defaults():
     assert config.method_options == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.0}
     with pytest.raises(ValueError, match="unknown setting"):
         build_config({"task": "translation", "no_such_setting": 1})
+
+
+def test_method_options_take_lists_and_mappings_in_brackets(tiny_models):
+    """peft options such as target_modules are lists: commas inside brackets stay in the value."""
+    parsed = cli._parse_options("r=8, target_modules=[q_proj,v_proj, lm_head],ensure_weight_tying=true,"
+                                "trainable_token_indices={embed_tokens: [1, 2]}")
+    assert parsed == {"r": 8, "target_modules": ["q_proj", "v_proj", "lm_head"], "ensure_weight_tying": True,
+                      "trainable_token_indices": {"embed_tokens": [1, 2]}}
+    for bad, message in (("r", "expected key=value, got 'r'"), ("target_modules=[q_proj,v_proj", "cannot read")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            cli._parse_options(bad)
+    config = build_config({"task": "translation", "method": "lora", "model": str(tiny_models["llama"]),
+                           "method_options": cli._parse_options("target_modules=[q_proj,lm_head]")})
+    model = load_for_training(config, torch.device("cpu"), torch.float32).model
+    adapted = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.endswith((".q_proj", "lm_head"))
+               and hasattr(model.get_submodule(name), "lora_A")}
+    assert adapted == {"q_proj", "lm_head"}
 
 
 def test_tensorboard_logs_are_written(tiny_models, tiny_data, tmp_path):

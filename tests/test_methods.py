@@ -106,6 +106,27 @@ def test_padded_batch_loss_equals_sum_of_single_losses(tiny_models, arch, method
     torch.testing.assert_close(batched, sum(loss for loss, _ in singles), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("options", [{"target_modules": ["q_proj", "v_proj", "lm_head"]},
+                                     {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}])
+def test_an_adapter_on_the_output_head_counts_in_the_loss_and_trains(tiny_models, options):
+    """The decoder-only loss runs the output head on answer positions itself; an adapter on the head must act
+    there as in the model's own forward (it was once bypassed by reading the head's base weight)."""
+    torch.manual_seed(0)
+    config = build_config({"task": "translation", "method": "lora", "model": str(tiny_models["llama"]),
+                           "method_options": options})
+    loaded = load_for_training(config, CPU, torch.float32)
+    _perturb_trainable(loaded.model)
+    model, batch = loaded.model.eval(), _batch(loaded)
+    loss, n = summed_loss(model, batch, False)
+    with torch.no_grad():
+        reference = model(**batch).loss * n  # transformers' mean over the same target tokens
+    torch.testing.assert_close(loss.detach(), reference, rtol=1e-5, atol=1e-4)
+    loss.backward()
+    head_params = {name: p for name, p in model.named_parameters() if "lm_head" in name and p.requires_grad}
+    assert head_params, "the options put no trainable parameter on the head"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_params.values()), list(head_params)
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_generate_uses_the_adapter_as_training_did(tiny_models, arch, method):
