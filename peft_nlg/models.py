@@ -160,8 +160,14 @@ def _contiguous_first_argument(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) distinct values: parameters that are views of the same memory count once. peft's
+    ``ensure_weight_tying`` ties an adapter on tied embeddings that way (the head's LoRA A is a transposed view
+    of the embedding's LoRA B, two Parameter objects), which counting by object would count twice."""
+    distinct: dict[tuple, torch.nn.Parameter] = {}
+    for param in model.parameters():
+        distinct.setdefault((param.untyped_storage().data_ptr(), param.storage_offset(), param.numel()), param)
+    trainable = sum(p.numel() for p in distinct.values() if p.requires_grad)
+    total = sum(p.numel() for p in distinct.values())
     return trainable, total
 
 
