@@ -57,6 +57,13 @@ def naming_scheme(model: torch.nn.Module) -> dict:
 
 def _lora(ctx: MethodContext, opts: dict) -> LoraConfig:
     opts = dict(opts)
+    if opts.get("ensure_weight_tying"):
+        # peft 0.21 ties the adapters of tied embeddings as two parameters over one memory, which any optimizer
+        # over the model's parameters steps twice (measured: up to twice the learning rate's step), and its fp32
+        # cast of adapters over a bf16 base unties them again
+        raise ValueError("ensure_weight_tying is not supported for training: peft's tied adapters are two "
+                         "parameters over one memory (stepped twice by the optimizer) and come apart over a bf16 "
+                         "base; leave it out to train separate adapters on the embedding and the output head")
     # "all-linear" = every linear layer but the output head, on any architecture
     opts.setdefault("target_modules", "all-linear")
     return LoraConfig(task_type=ctx.family.peft_task_type, **opts)
