@@ -439,6 +439,13 @@ OUR_DECODING = {"greedy": (greedy_decoding, "peft-nlg greedy"),
                 "beam": (beam_search_with_shared_prefill, "peft-nlg beam (one prefill per prompt)")}
 
 
+def onednn_packs_bf16() -> bool:
+    """Whether this torch and CPU can pack a bf16 weight for oneDNN (not on AVX2-only CPUs such as some AMD
+    EPYC machines here, where the reorder raises)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @contextmanager
 def packed_output_head(model, rows: int):
     """On a CPU in bf16, run the output head on a weight packed once for oneDNN's matrix product.
@@ -447,12 +454,12 @@ def packed_output_head(model, rows: int):
     benchmark); ``F.linear`` re-lays its [vocabulary, hidden] weight out at every call, and a weight packed
     for oneDNN (the same kernels torch.compile's CPU backend packs for) took 5.4 against 9.8 ms for 64 rows on
     the 2-core AMX machine, with bit-identical results. Yields whether it packed; anything else (GPU, fp32,
-    an adapter on the head, a torch without oneDNN) keeps the head as it is.
+    an adapter on the head, a torch without oneDNN or a CPU oneDNN has no bf16 kernels for) keeps the head as it is.
     """
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     usable = (type(head) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-              and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+              and onednn_packs_bf16())
     if not usable:
         yield False
         return

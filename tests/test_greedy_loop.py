@@ -291,7 +291,7 @@ def test_greedy_loop_auto_is_ours_on_a_cpu_and_settings_are_checked(tiny_models)
                  DecodingSettings(greedy_loop="fast"), CPU, show_progress=False)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not generation.onednn_packs_bf16(), reason="no oneDNN bf16 packing on this torch or CPU")
 @pytest.mark.parametrize("method", ["none", "lora", "prefix_tuning"])
 @pytest.mark.parametrize("search", ["greedy", "beam"])
 def test_packed_output_head_gives_the_same_outputs_in_bf16(tiny_models, method, search, monkeypatch):
@@ -318,6 +318,16 @@ def test_packed_output_head_gives_the_same_outputs_in_bf16(tiny_models, method, 
     monkeypatch.setattr(generation, "packed_output_head", as_loaded)
     texts, stats = run()
     assert stats["output_head"] == "as loaded" and texts == packed_texts
+
+
+def test_output_head_is_not_packed_where_onednn_cannot_pack_bf16(tiny_models, monkeypatch):
+    """An AVX2-only CPU has no oneDNN bf16 packing (the reorder raised there): bf16 generation keeps the head."""
+    loaded = _perturbed(tiny_models["llama"], "none")
+    loaded.model.to(torch.bfloat16)
+    monkeypatch.setattr(generation, "onednn_packs_bf16", lambda: False)
+    texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:2],
+                            DecodingSettings(max_new_tokens=3), CPU, torch.bfloat16, show_progress=False)
+    assert stats["output_head"] == "as loaded" and len(texts) == 2
 
 
 def test_output_head_is_not_packed_in_fp32(tiny_models):
