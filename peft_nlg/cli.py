@@ -203,7 +203,7 @@ def _token_budget(text: str) -> int | dict[str, int]:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from peft_nlg.grid import GridSpec, plan, run_grid, study_defaults
+    from peft_nlg.grid import GridSpec, check_reused_records, plan, run_grid, study_defaults
     from peft_nlg.methods import METHODS, get_method
     from peft_nlg.runtime import device
 
@@ -228,6 +228,7 @@ def _grid(args: argparse.Namespace) -> int:
                     overrides=overrides, zero_shot=not args.no_zero_shot, time_limit_s=args.time_limit,
                     parallel=args.parallel or study["parallel"][device().type])
     if args.plan:
+        check_reused_records(spec, Path(args.records), Path(args.work_dir))  # what the grid would refuse, now
         rows = plan(spec, Path(args.records))
         for name, finished in rows:
             print(f"{'done' if finished else 'todo'}  {name}")

@@ -98,6 +98,13 @@ def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object
     return config, loaded, dev, dtype
 
 
+def scored_examples(config: RunConfig) -> tuple[Path, list[dict]]:
+    """The file test mode scores and the examples it takes from it."""
+    path = Path(config.test_file) if config.test_file else split_path(config, "test")
+    examples = read_pairs(path)
+    return path, examples[: config.max_test_examples] if config.max_test_examples else examples
+
+
 def test(config: RunConfig, zero_shot: bool = False) -> dict:
     """Generate for the test split (or --test-file), score it, write predictions and a record."""
     config, loaded, dev, dtype = _load(config, zero_shot)
@@ -113,10 +120,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
     record_path, predictions_path = out / f"record-{name}.json", out / f"predictions-{name}.jsonl"
     if record_path.exists() and not config.overwrite:
         raise RunExistsError(f"{record_path}: exists; pass --overwrite to replace it")
-    test_path = Path(config.test_file) if config.test_file else split_path(config, "test")
-    examples = read_pairs(test_path)
-    if config.max_test_examples:
-        examples = examples[: config.max_test_examples]
+    test_path, examples = scored_examples(config)
 
     reset_peak_memory(dev)
     predictions, speed = generate(loaded.model, loaded.tokenizer, loaded.prompter, [e["src"] for e in examples],

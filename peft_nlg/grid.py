@@ -32,9 +32,10 @@ from pathlib import Path
 
 from peft_nlg.config import DECODING_SETTINGS, TEST_SETTINGS, build_config, check_keys, load_config_file, yaml_defaults
 from peft_nlg.data.io import write_json
-from peft_nlg.evaluation import AUTO, test
+from peft_nlg.data.splits import fingerprint
+from peft_nlg.evaluation import AUTO, scored_examples, test
 from peft_nlg.runtime import release_device_memory
-from peft_nlg.training import train
+from peft_nlg.training import data_fingerprints, train
 
 # fields that depend on the machine's speed or on where files are, not on the computation
 VOLATILE = {"finished_at", "train_seconds", "train_tokens_per_s", "steady_tokens_per_s", "generate_seconds",
@@ -165,14 +166,51 @@ def _training_differences(have: dict, overrides: dict, work: Path) -> list[str]:
             if k not in _NOT_TRAINING and k in have and wanted[k] != have[k]]
 
 
-def _check_record(record_path: Path, overrides: dict, work: Path) -> None:
+def _data_differences(record: dict, overrides: dict, work: Path) -> list[str]:
+    """The splits whose examples, as a train or test record fingerprinted them, differ from what the run would
+    read now (a split rebuilt from newer sources, or with other sizes)."""
+    config = build_config({**overrides, "output_dir": str(work)})
+    have = dict(record.get("data_fingerprints") or (record.get("train") or {}).get("data_fingerprints") or {})
+    now = data_fingerprints(config) if have else {}
+    if "test_fingerprint" in record:
+        have["test"], now = record["test_fingerprint"], {**now, "test": fingerprint(scored_examples(config)[1])}
+    return [f"{split} examples {have[split]} (now {now[split]})" for split in now if have.get(split) != now[split]]
+
+
+def _check_record(record_path: Path, overrides: dict, work: Path, settings: bool = True) -> None:
     """A record the grid would reuse must be the run it asks for: one made with other settings (the defaults
-    changed since, say) is refused by name instead of being mixed silently into this grid's results."""
-    have = json.loads(record_path.read_text()).get("config")
-    differences = _training_differences(have, overrides, work) if have else []  # early records lack a config
+    changed since, say) or on other data is refused by name instead of being mixed silently into this grid's
+    results. ``settings=False``: the data only (a test record, whose run's training record is checked beside it)."""
+    record = json.loads(record_path.read_text())
+    have = record.get("config") if settings else None  # early records lack a config
+    differences = (_training_differences(have, overrides, work) if have else []) + _data_differences(
+        record, overrides, work)
     if differences:
-        raise ValueError(f"{record_path}: made with {', '.join(differences)}; move it away to train this run "
-                         "again, or run the grid with the settings it was made with")
+        raise ValueError(f"{record_path}: made with {', '.join(differences)}; move it away to run it again, or "
+                         "run the grid with the settings and data it was made with")
+
+
+def check_reused_records(spec: GridSpec, records: Path, work_dir: Path) -> None:
+    """Checks every record the grid would reuse instead of running again (``_check_record``), before anything
+    runs: a mismatch found late would cost a GPU slot its remaining time."""
+    for task in spec.tasks:
+        zero_shot = _test_record(_run_records(records, task, "zero_shot"))
+        if spec.zero_shot and zero_shot:
+            _check_record(zero_shot, {**spec.base_overrides(task), "method": "none"}, work_dir / task / "zero_shot",
+                          settings=False)
+        for method in spec.methods:
+            search = _read(_search_record(records, task, method))
+            runs = [(lr, 0) for lr in _known_rates(spec, task, method, records)]
+            runs += [(search["selected_lr"], examples) for examples in spec.ladder] if search else []
+            for lr, examples in runs:
+                run = _run_name(lr, examples)
+                overrides = spec.method_overrides(task, method, learning_rate=lr,
+                                                  **({"train_examples": examples} if examples else {}))
+                train_record, test_record = _train_record(records, task, method, run), _test_record(
+                    _run_records(records, task, method, run))
+                for path, settings in ((train_record, not examples), (test_record, False)):
+                    if path and path.is_file():
+                        _check_record(path, overrides, work_dir / task / method / run, settings)
 
 
 def _same_settings(work: Path, overrides: dict) -> bool:
@@ -184,7 +222,9 @@ def _same_settings(work: Path, overrides: dict) -> bool:
         have = load_config_file(saved).to_dict()
     except (ValueError, TypeError):  # written by another version of the tool: not this run
         return False
-    return not _training_differences(have, overrides, work)
+    local = work / "train_record.json"
+    return not _training_differences(have, overrides, work) and not (
+        local.is_file() and _data_differences(json.loads(local.read_text()), overrides, work))
 
 
 def _train_once(overrides: dict, work: Path, record_dst: Path, need_model: bool, shared_by: int = 1) -> dict:
@@ -301,6 +341,7 @@ def _train_and_test(overrides: dict, work: Path, run_records: Path, grid_fields:
 def run_grid(spec: GridSpec, records: Path, work_dir: Path, log=print) -> list[dict]:
     """Phase 1 fills the results table (zero-shot, search, selected run on the full split) task by task;
     phase 2 runs the data-size ladder. Returns the test records, reused ones included."""
+    check_reused_records(spec, records, work_dir)
     clock, done, workers = _Clock(spec.time_limit_s), [], _Workers(spec.parallel)
 
     def tested(task: str, run_records: Path, work, *args, **kwargs):

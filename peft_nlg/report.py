@@ -58,6 +58,27 @@ def load_searches(root: Path) -> list[dict]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in _record_files(root, "lr_search.json")]
 
 
+def mixed_data(records: list[dict]) -> list[str]:
+    """One line per record whose test, validation or training examples (its fingerprints) differ from those of
+    most records of its task that should share them: scores on other data do not compare, so the report
+    refuses to put them in one table."""
+    groups: dict[tuple, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        trained = (r.get("train") or {}).get("data_fingerprints") or {}
+        rung = ((r.get("config") or {}).get("train_examples") or 0, r.get("seed"))  # the ladder's subsets
+        for what, key, value in (("test", (), r.get("test_fingerprint")), ("validation", (), trained.get("valid")),
+                                 ("training", rung, trained.get("train"))):
+            if value:  # early records and zero-shot lack some
+                groups[(r["task"], what, *key)][value].append(r["_path"])
+    problems = []
+    for (task, what, *_), by_value in groups.items():
+        common = max(by_value, key=lambda v: len(by_value[v]))
+        problems += [f"{path}: its {what} examples ({value}) differ from those of the {len(by_value[common])} "
+                     f"other {task} record(s) like it ({common}); move one set to {ARCHIVE}/ or run it again"
+                     for value, paths in by_value.items() if value != common for path in paths]
+    return problems
+
+
 def _is_headline(record: dict) -> bool:
     """The table shows full-data runs chosen on validation; ladder runs (subsets) feed the learning curves."""
     return (record.get("grid", {}).get("selected", True) and not record.get("config", {}).get("train_examples")
@@ -441,6 +462,11 @@ def replace_block(text: str, table: str) -> str:
 
 def report(records_dir: Path, check: bool = False, readme: Path = Path("README.md")) -> int:
     records = load_records(records_dir) if records_dir.is_dir() else []
+    mixed = mixed_data(records)
+    for problem in mixed:
+        print(problem, file=sys.stderr)
+    if mixed:
+        return 1
     # as seen from the README's folder, so the note points to the right file wherever the records are
     details = Path(os.path.relpath(records_dir / "RESULTS.md", readme.parent)).as_posix()
     table = main_table(records, details)

@@ -67,6 +67,26 @@ def subset(examples: list[dict], n: int, seed: int) -> list[dict]:
     return [examples[i] for i in keep]
 
 
+def _trained_on(config: RunConfig, train: list, valid: list) -> tuple[list, list]:
+    """Of a run's two splits (examples or their features, in file order), what it trains and validates on."""
+    return subset(train, config.train_examples, config.seed), valid[: config.max_valid_examples]
+
+
+_FINGERPRINTS: dict[tuple, dict[str, str]] = {}
+
+
+def data_fingerprints(config: RunConfig) -> dict[str, str]:
+    """The ``data_fingerprints`` a run of ``config`` would record, from its files as they are now (the grid
+    compares them with a record's before reusing it)."""
+    paths = [split_path(config, split) for split in ("train", "valid")]
+    key = (*((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths),
+           config.train_examples, config.seed, config.max_valid_examples)
+    if key not in _FINGERPRINTS:
+        train_rows, valid_rows = _trained_on(config, *(read_pairs(p) for p in paths))
+        _FINGERPRINTS[key] = {"train": fingerprint(train_rows), "valid": fingerprint(valid_rows)}
+    return _FINGERPRINTS[key]
+
+
 _ENCODED: dict[tuple, tuple[list[dict], list[dict]]] = {}
 
 
@@ -223,10 +243,9 @@ def _train(config: RunConfig) -> dict:
     sizes = config.resolved_sizes(dev.type == "cuda")
 
     # data: encode once, then cut length-grouped batches under the token budget
-    train_examples, train_features = (subset(part, config.train_examples, config.seed)
-                                      for part in encoded_split(config, loaded.prompter, "train"))
-    valid_examples, valid_features = (part[: config.max_valid_examples]
-                                      for part in encoded_split(config, loaded.prompter, "valid"))
+    (train_examples, valid_examples), (train_features, valid_features) = (
+        _trained_on(config, train, valid) for train, valid in zip(
+            *(encoded_split(config, loaded.prompter, split) for split in ("train", "valid")), strict=True))
     # of the exact examples used, so a record says which data it came from
     data_fingerprints = {"train": fingerprint(train_examples), "valid": fingerprint(valid_examples)}
 

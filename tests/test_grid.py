@@ -11,9 +11,9 @@ from peft_nlg import cli
 from peft_nlg.config import build_config
 from peft_nlg.evaluation import test as run_test
 from peft_nlg.grid import GridSpec, plan, run_grid, stable_view
-from peft_nlg.report import END, START, load_records, load_searches, main_table, report
+from peft_nlg.report import END, START, load_records, load_searches, main_table, mixed_data, report
 from peft_nlg.tasks import TASKS
-from peft_nlg.training import train
+from peft_nlg.training import data_fingerprints, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_grid_method_options_reach_every_run_of_the_one_method(tiny_models, tiny
     # records made with other options are not taken for the default configuration's
     assert cli.main([*common, "--methods", "lora", "--ladder", "", "--records", str(tmp_path / "rec"),
                      "--work-dir", str(tmp_path / "work")]) == 2
-    assert "move it away to train this run again" in capsys.readouterr().err
+    assert "move it away to run it again" in capsys.readouterr().err
 
 
 def test_grid_survives_time_limits_and_lost_work_dirs(tiny_models, tiny_data, tmp_path):
@@ -470,3 +470,71 @@ def test_report_check_covers_the_readme_block_results_md_and_every_plot(tmp_path
     details.write_text(details.read_text().replace("| translation | lora |", "| translation | LoRA |", 1))
     err = check()
     assert err.strip().startswith(f"{details}: differs from the records") and len(err.strip().splitlines()) == 1
+
+
+def test_records_made_on_other_data_are_refused_by_the_grid_and_the_report(tiny_models, tiny_data, tmp_path,
+                                                                          capsys):
+    """A split rebuilt since (newer sources, other sizes) must not mix with runs made before it: the grid
+    refuses to reuse their records before running anything, does not take a work dir's model trained on the
+    old data, and the report refuses a table whose records of one task saw different examples."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    spec = GridSpec(tasks=["translation"], methods=["lora"], lr_factors=[1.0], ladder=[2], token_budget=200,
+                    overrides={"model": str(tiny_models["llama"]), "data_dir": str(data), "report_to": "none",
+                               "max_new_tokens": 3, "patience": 100})
+    records, work, quiet = tmp_path / "rec", tmp_path / "work", (lambda *_: None)
+    run_grid(spec, records, work, log=quiet)
+    # what the grid computes for a check is what training records, for the full split and a ladder rung
+    for path in records.rglob("record-train.json"):
+        record = json.loads(path.read_text())
+        assert data_fingerprints(build_config(record["config"])) == record["data_fingerprints"]
+    before = {p: p.read_bytes() for p in records.rglob("*.json")}
+
+    train_file, test_file = data / "translation" / "train.jsonl", data / "translation" / "test.jsonl"
+    original_train, original_test = train_file.read_text(), test_file.read_text()
+    train_file.write_text(original_train.replace("a", "A", 1))  # one character of one example
+    with pytest.raises(ValueError, match=r"lora/lr[^/]*-nall/record-train\.json: made with train examples \w+ "
+                                         r"\(now \w+\)"):
+        run_grid(spec, records, work, log=quiet)
+    capsys.readouterr()
+    assert cli.main(["grid", "--plan", "--tasks", "translation", "--methods", "lora", "--lr-factors", "1",
+                     "--ladder", "2", "--token-budget", "200", "--records", str(records), "--set",
+                     f"model={tiny_models['llama']},data_dir={data},report_to=none,max_new_tokens=3,patience=100,"
+                     "batch_tokens=0"]) != 0
+    assert "record-train.json: made with train examples" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in records.rglob("*.json")}  # nothing ran, nothing was rewritten
+    # moved away, the runs are made again on the new data, not taken from the work dir's old model
+    fresh = run_grid(spec, tmp_path / "rec-new", work, log=quiet)
+    retrained = {r["train"]["data_fingerprints"]["train"] for r in fresh
+                 if r["train"] and not r["grid"]["train_examples"]}
+    assert retrained == {data_fingerprints(build_config({**spec.overrides, "task": "translation"}))["train"]}
+
+    train_file.write_text(original_train)
+    test_file.write_text(original_test.replace("a", "A", 1))
+    with pytest.raises(ValueError, match=r"zero_shot/record-test-greedy\.json: made with test examples"):
+        run_grid(spec, records, work, log=quiet)
+    test_file.write_text(original_test)
+    run_grid(spec, records, work, log=quiet)  # the same data again: reused as it is
+    assert before == {p: p.read_bytes() for p in records.rglob("*.json")}
+
+    # the report: one task's records scored on other test examples, or a ladder rung on another subset
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    assert report(records, readme=readme) == 0
+    rung = next(records.glob("translation/lora/lr*-n2/record-test-*.json"))
+    edited = json.loads(rung.read_text())
+    edited["test_fingerprint"] = "0" * 16
+    rung.write_text(json.dumps(edited))
+    written = readme.read_text()
+    assert report(records, readme=readme) == 1 and report(records, check=True, readme=readme) == 1
+    assert readme.read_text() == written  # refused before anything was written
+    assert [line.split(": its")[0] for line in mixed_data(load_records(records))] == [str(rung)]
+    edited["test_fingerprint"] = json.loads(before[rung])["test_fingerprint"]
+    edited["train"]["data_fingerprints"]["train"] = "1" * 16
+    rung.write_text(json.dumps(edited))
+    assert mixed_data(load_records(records)) == []  # alone on its subset: nothing to compare it with
+    for name in ("-a", "-b"):  # two more runs of that size on the subset the grid chose
+        (rung.parent.parent / (rung.parent.name + name)).mkdir()
+        (rung.parent.parent / (rung.parent.name + name) / rung.name).write_bytes(before[rung])
+    problems = mixed_data(load_records(records))
+    assert len(problems) == 1 and problems[0].startswith(f"{rung}: its training examples ({'1' * 16}) differ")
