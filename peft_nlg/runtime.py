@@ -395,9 +395,21 @@ class StepProfiler:
         self.profiler.stop()
 
 
+def cpu_model() -> str | None:
+    """The CPU's name as Linux gives it (``model name`` in /proc/cpuinfo), or None elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def hardware(dev: torch.device) -> dict:
-    info = {"device": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    # which CPU matters for every CPU number: the development machines here have been a Xeon with AMX (bf16
+    # matrix units) and an AVX2-only AMD EPYC, with different defaults (bf16 or fp32) and speeds
+    info = {"device": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_amx": cpu_has_bf16_matrix_units(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
