@@ -243,11 +243,12 @@ def _train(config: RunConfig) -> dict:
     sizes = config.resolved_sizes(dev.type == "cuda")
 
     # data: encode once, then cut length-grouped batches under the token budget
-    (train_examples, valid_examples), (train_features, valid_features) = (
-        _trained_on(config, train, valid) for train, valid in zip(
-            *(encoded_split(config, loaded.prompter, split) for split in ("train", "valid")), strict=True))
+    (train_examples, train_features), (valid_examples, valid_features) = (
+        encoded_split(config, loaded.prompter, split) for split in ("train", "valid"))
+    train_examples, valid_examples = _trained_on(config, train_examples, valid_examples)
+    train_features, valid_features = _trained_on(config, train_features, valid_features)
     # of the exact examples used, so a record says which data it came from
-    data_fingerprints = {"train": fingerprint(train_examples), "valid": fingerprint(valid_examples)}
+    fingerprints = {"train": fingerprint(train_examples), "valid": fingerprint(valid_examples)}
 
     def lengths(features):
         return [len(f["input_ids"]) + (len(f["labels"]) if family.is_encoder_decoder else 0) for f in features]
@@ -413,7 +414,7 @@ def _train(config: RunConfig) -> dict:
         "batch_sizes": sizes,  # as resolved for this device (the configuration's 0 means "auto")
         **peak_memory_gb(dev),
         "model_size_bytes": dir_size_bytes(out / "model"),
-        "data_fingerprints": data_fingerprints,
+        "data_fingerprints": fingerprints,
         "hardware": hardware(dev), "versions": package_versions(), "seed": config.seed,
         "config": config.to_dict(), "command": command_line(),
     }
