@@ -465,9 +465,6 @@ def _train_rates(spec: GridSpec, task: str, method: str, rates: list[float], rec
         run = _run_name(lr, 0)
         overrides = spec.method_overrides(task, method, learning_rate=lr)
         jobs[lr] = (overrides, work_dir / task / method / run, _train_record(records, task, method, run))
-    for overrides, work, record_path in jobs.values():
-        if record_path.is_file():
-            _check_record(record_path, overrides, work)
     untrained = [(*job, False) for job in jobs.values() if not job[2].is_file()]  # no model needed yet
     if not (untrained and workers.in_parallel(untrained)):  # nothing to wait for: this process's work first
         for work in meanwhile:
