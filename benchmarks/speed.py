@@ -49,7 +49,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from peft_nlg.config import build_config
+from peft_nlg.config import RunConfig, build_config
 from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.evaluation import decoding
 from peft_nlg.formatting import IGNORE_INDEX
@@ -151,6 +151,10 @@ def main() -> int:
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the temporary work directory (trained models, data) instead of removing it at exit")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the timings, profile this many steps of our default-batch run, eager and (with "
+                         "--compile) compiled, in short runs of their own; writes <out>-<method>-<variant>-"
+                         "profile.txt (where a step's time goes, e.g. why compiling did not pay)")
     ap.add_argument("--cudnn-attention-too", action="store_true",
                     help="also time our default-batch run and greedy generation with cuDNN attention allowed "
                          "(the setting before 2026-11-27), to measure what excluding it buys")
@@ -398,6 +402,11 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
             "train": round(row["ours"]["tokens_per_s"] / record["steady_tokens_per_s"], 2),
             "generate_greedy": round(row["ours_gen_greedy"]["new_tokens_per_s"]
                                      / row["ours_gen_greedy_cudnn_attention"]["new_tokens_per_s"], 2)}
+    if args.profile_steps:  # apart from the timed runs: the profiler's overhead must not enter their rates
+        variants = [("eager", default)] + ([("compiled", compiled)] if "tokens_per_s" in row.get(
+            "ours_compiled", {}) else [])
+        row["profiles"] = {variant: _profile(run, work / name / f"profile-{variant}", args, name, variant)
+                           for variant, run in variants}
     fpt = flops_per_token(config, name == "none")
     if on_gpu:
         peak_flops = 989e12  # dense bf16 spec of the H100 SXM and the H200
@@ -577,6 +586,17 @@ def markdown_table(results: dict) -> str:
             _compiled_cell(r) if compiled else "") + (
             _cudnn_cell(r) if cudnn else ""))
     return "\n".join(lines)
+
+
+def _profile(run: RunConfig, run_dir: Path, args, name: str, variant: str) -> str:
+    """Profiles ``args.profile_steps`` steps of ``run`` (after its warm-up steps) and copies the op table next
+    to the results JSON; returns the table's first line (steps, wall time, how busy the device was)."""
+    steps = args.profile_steps + 5 + 1 + 1  # the profiler's wait and warm-up steps, and one to close it
+    train(dataclasses.replace(run, output_dir=str(run_dir), max_steps=steps, profile_steps=args.profile_steps))
+    table = (run_dir / "profile.txt").read_text(encoding="utf-8")
+    out = Path(args.out)
+    (out.parent / f"{out.stem}-{name}-{variant}-profile.txt").write_text(table, encoding="utf-8")
+    return table.splitlines()[0]
 
 
 def _compiled_cell(row: dict) -> str:

@@ -19,10 +19,11 @@ from peft_nlg.methods import get_method
 from peft_nlg.models import EMBEDDED_MODEL
 from peft_nlg.tasks import get_task
 
-# Compiled blocks trained 1.8-1.9x as many tokens/s as eager mode on an H200 (every method but prefix tuning,
-# 2026-11-27), about 80 ms saved per 30k-token step, after a one-time compilation of 8 s (prompt tuning) to
-# 97 s (LoRA) with the compiler's disk cache cold; on the 2-core CPU 1.1x for 20-70 s. From 500 steps on a
-# GPU, the saving (about 40 s) outweighs all but LoRA's cold compilation.
+# Compiled blocks trained 1.8-1.9x as many tokens/s as eager mode on an H200 (LoRA, P-tuning, prompt tuning,
+# IA3, 2026-11-27; prefix tuning and full fine-tuning did not gain, methods.py), about 80 ms saved per 30k-token
+# step, after a one-time compilation of 8 s (prompt tuning) to 97 s (LoRA) with the compiler's disk cache cold;
+# on the 2-core CPU 1.1x for 20-70 s. From 500 steps on a GPU, the saving (about 40 s) outweighs all but
+# LoRA's cold compilation.
 COMPILE_MIN_STEPS = 500
 
 
@@ -70,7 +71,8 @@ class RunConfig:
     gradient_checkpointing: bool = False
     compile: bool | None = field(default=None, metadata={
         "help": "torch.compile each transformer block for training (unset: on a GPU for runs of at least "
-                f"{COMPILE_MIN_STEPS} optimizer steps, where the one-time compilation pays)"})
+                f"{COMPILE_MIN_STEPS} optimizer steps, where the one-time compilation pays, for every method but "
+                "full fine-tuning and prefix tuning, which trained no faster compiled)"})
     cudnn_attention: bool = field(default=False, metadata={
         "help": "let attention use cuDNN's kernels (GPU; slow here: they are planned anew for each batch shape)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})

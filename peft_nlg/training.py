@@ -215,6 +215,8 @@ def use_compiled_blocks(config: RunConfig, method: Method, dev: torch.device, st
         return False, "default: not on a CPU"
     if steps < COMPILE_MIN_STEPS:
         return False, f"default: {steps} steps, fewer than the {COMPILE_MIN_STEPS} where compiling pays"
+    if method.eager_by_default:
+        return False, f"default: {method.eager_by_default}"
     return True, f"default: {steps} steps on a GPU"
 
 

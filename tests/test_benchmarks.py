@@ -183,3 +183,18 @@ def test_the_equal_budget_runs_take_the_recipes_schedule_from_its_own_code(tmp_p
     assert speed._recipe_schedule(other) == {"warmup_steps": 12, "lr_schedule": "linear"}
     with pytest.raises(ValueError, match="warmup_steps= and lr_scheduler_type="):
         speed._recipe_schedule(recipe("return dict(warmup_ratio=0.1)"))
+
+
+def test_a_profiled_run_leaves_its_op_table_beside_the_results(tiny_models, tiny_data, tmp_path):
+    from types import SimpleNamespace
+
+    from peft_nlg.config import build_config
+    run = build_config({"task": "dialogue", "method": "lora", "model": str(tiny_models["llama"]),
+                        "data_dir": str(tiny_data), "output_dir": str(tmp_path / "timed"), "report_to": "none",
+                        "overwrite": True, "max_steps": 3, "eval_every": 10**9, "max_valid_examples": 2})
+    args = SimpleNamespace(profile_steps=2, out=str(tmp_path / "bench.json"))
+    first_line = _speed_module()._profile(run, tmp_path / "profiled", args, "lora", "eager")
+    table = (tmp_path / "bench-lora-eager-profile.txt").read_text()
+    assert first_line.startswith("2 steps in ") and table.splitlines()[0] == first_line
+    assert "aten::mm" in table or "aten::addmm" in table  # the op table itself, not only the summary
+    assert not (tmp_path / "timed").exists()  # the timed run's directory is not touched

@@ -419,7 +419,7 @@ def test_device_busy_time_counts_each_kernel_once():
     assert device_busy_seconds(rows) == pytest.approx(0.2971)
 
 
-def test_compiled_blocks_by_default_only_for_long_gpu_runs_and_never_where_blocks_cannot_share_a_graph():
+def test_compiled_blocks_by_default_only_for_long_gpu_runs_of_methods_that_gain_from_them():
     from peft_nlg.config import COMPILE_MIN_STEPS
     from peft_nlg.training import use_compiled_blocks
 
@@ -435,6 +435,13 @@ def test_compiled_blocks_by_default_only_for_long_gpu_runs_and_never_where_block
         assert use_compiled_blocks(config, lora, cpu, 1) == (asked, "--compile" if asked else "--no-compile")
     on, reason = use_compiled_blocks(build_config({"method": "prefix_tuning", "compile": True}), prefix, gpu, 10**4)
     assert on is False and "cannot share one compiled graph" in reason
+    # full fine-tuning measured slower compiled: eager by default however long the run, compiled when asked
+    full = METHODS["none"]
+    on, reason = use_compiled_blocks(build_config({"method": "none"}), full, gpu, 10 * COMPILE_MIN_STEPS)
+    assert on is False and reason == f"default: {full.eager_by_default}" and "0.68x" in reason
+    assert use_compiled_blocks(build_config({"method": "none", "compile": True}), full, gpu, 10**4)[0] is True
+    assert [m for m in METHODS if not METHODS[m].eager_by_default] == ["lora", "prefix_tuning", "p_tuning",
+                                                                       "prompt_tuning", "ia3"]
 
 
 def test_a_run_records_whether_it_trained_compiled_and_why(tiny_models, tiny_data, tmp_path, capsys):

@@ -5,7 +5,8 @@
 # Without .dev/arch (ARCH=DIR names another), the architecture comes from the model a grid call converted on this
 # machine while it stays warm; the wheels too stay installed then, so such a call needs only .dev/bench.
 # Writes $OUT/bench-<first method>.json after every method (a call cut off at its limit keeps what it
-# measured) and $OUT/bench.log; copy the JSON to benchmarks/results/<date>-<card>.json.
+# measured) and $OUT/bench.log (with --profile-steps N also bench-<first>-<method>-{eager,compiled}-profile.txt);
+# copy the JSON to benchmarks/results/<date>-<card>.json.
 set -euo pipefail
 methods=${1:?usage: bench_slot.sh METHODS [speed.py options...]}
 shift
