@@ -95,7 +95,7 @@ def answer_loss(model, tokenizer, features, dev) -> float:
     """Mean answer-token loss over pre-encoded examples, one at a time (no padding effects)."""
     model.eval()
     total, count = 0.0, 0
-    # bf16 weights (ours on a GPU or an AMX CPU) mix with fp32 adapters, which autocast reconciles
+    # bf16 weights (ours on a GPU or a CPU with bf16 hardware) mix with fp32 adapters, which autocast reconciles
     mixed = dev.type == "cuda" or any(p.dtype == torch.bfloat16 for p in model.parameters())
     for f in features:
         ids = torch.tensor([f["input_ids"]], device=dev)
@@ -150,6 +150,9 @@ def main() -> int:
                          "(1, 2, ...) for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the temporary work directory (trained models, data) instead of removing it at exit")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="our runs' precision (training and generation), as run.py's -precision; auto: the "
+                         "tool's default for the device")
     ap.add_argument("--compile", action="store_true", help="also time our default-batch run with --compile")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the timings, profile this many steps of our default-batch run, eager and (with "
@@ -222,7 +225,7 @@ def main() -> int:
     results = {"device": hardware(dev), "versions": package_versions(), "date": time.strftime("%Y-%m-%d"),
                "weights": str(init_dir) if args.init_dir else "random initialisation (seed 0)",
                "arch": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
-               "baseline_batch": bs, "baseline_steps": base_steps,
+               "our_precision": args.precision, "baseline_batch": bs, "baseline_steps": base_steps,
                "real_tokens_per_example": round(real_per_example, 1),
                "equal_tokens_per_step": equal_tokens_per_step,
                "gen_prompts": {"ours": n_gen, "baseline": n_base_gen, "ours_beam": args.beam_prompts},
@@ -266,7 +269,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     lr = 2e-4  # the recipe trains every method at 2e-4 (its part "arch")
     common = {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
               "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
-              "seed": 0, "method_options": _baseline_like_options(name),
+              "seed": 0, "method_options": _baseline_like_options(name), "precision": args.precision,
               **_recipe_prompt(B),  # the same prompts as the recipe: the prompt is not a speed lever
               "compile": False}  # eager unless measured with compiled blocks on purpose (below)
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
@@ -275,7 +278,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     # fp32 weight to bf16 at each step) ran at a third of its speed in a fresh process (32.6 against 90-112 new
     # tokens/s on the 2-core CPU, 2026-11-28), so with several --methods only the first is timed fresh
     gen_config = build_config({**common, "output_dir": str(work / name / "gen")})
-    dtype = compute_dtype(gen_config, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
+    dtype = compute_dtype(gen_config, dev)  # as training and test mode choose it (bf16 where the hardware has it)
     loaded = load_for_training(gen_config, dev, dtype)
     loaded.model.to(dtype)  # test mode holds the whole model in the compute dtype
     fold_adapter_for_generation(loaded, args.merge_adapter)  # and folds LoRA / IA3 in where it does
@@ -461,7 +464,7 @@ def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dic
     trained weights decoded by the recipe's own ``generate`` (fp32 weights under bf16 autocast), so that only
     the training differs from the recipe's scores: in bf16 the decoding path alone moved the untrained model's
     ROUGE-L on 100 dialogue prompts between 7.74 and 8.23 (2026-11-28)."""
-    dtype = compute_dtype(config, dev)  # as training and test mode choose it (bf16 on GPUs and AMX CPUs)
+    dtype = compute_dtype(config, dev)  # as training and test mode choose it (bf16 where the hardware has it)
     loaded = load_trained(config.out, config, dev, dtype)
     valid = [loaded.prompter.encode(r) for r in valid_rows]
     same_decoding = dataclasses.replace(decoding(config, dev.type == "cuda"), search="greedy", max_new_tokens=64,

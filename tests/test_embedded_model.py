@@ -49,7 +49,7 @@ def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir,
 
     import peft_nlg.generation as generation
     from peft_nlg.config import build_config
-    from peft_nlg.runtime import cpu_has_bf16_matrix_units, load_base
+    from peft_nlg.runtime import cpu_has_fast_bf16, load_base
 
     config = build_config({"task": "translation", "model": EMBEDDED_MODEL})
     cpu = torch.device("cpu")
@@ -71,8 +71,8 @@ def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir,
 
     monkeypatch.setattr(generation, "packed_output_head", as_loaded)
     theirs, theirs_stats = run("transformers")
-    # the model is held in bf16 only on CPUs with bf16 matrix units (AMX; elsewhere fp32, which is never packed)
-    bf16_held = cpu_has_bf16_matrix_units()
+    # the model is held in bf16 only on CPUs with bf16 hardware (AMX, AVX-512 BF16; elsewhere fp32, never packed)
+    bf16_held = cpu_has_fast_bf16()
     assert loaded.model.get_output_embeddings().weight.dtype == (torch.bfloat16 if bf16_held else torch.float32)
     packed = "oneDNN packed" if bf16_held and generation.onednn_packs_bf16() else "as loaded"
     assert (ours_stats["output_head"], theirs_stats["output_head"]) == (packed, "as loaded")

@@ -207,15 +207,25 @@ def test_fp32_attention_gets_the_masks_sdpa_gets(tiny_models, tmp_path, arch, me
     assert losses["sdpa"] == pytest.approx(losses[runtime.CPU_BF16_ATTENTION], rel=1e-6, abs=0), losses
 
 
-def test_auto_precision_on_a_cpu_follows_its_bf16_matrix_units(monkeypatch):
+def test_auto_precision_on_a_cpu_follows_its_bf16_hardware(monkeypatch):
     config, cpu = build_config({"precision": "auto"}), torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert runtime.compute_dtype(config, cpu) == torch.bfloat16
     assert runtime._inference_dtype(cpu, torch.bfloat16) == torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_has_bf16_matrix_units", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert runtime.compute_dtype(config, cpu) == torch.float32
     assert runtime._inference_dtype(cpu, torch.bfloat16) == torch.float32  # an explicit bf16 trains, tests in fp32
     assert runtime.compute_dtype(build_config({"precision": "fp32"}), cpu) == torch.float32
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "fast"), [
+    (True, False, True), (False, True, True), (True, True, True), (False, False, False)])
+def test_bf16_counts_as_fast_on_cpus_with_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, fast):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert runtime.cpu_has_fast_bf16() is fast
+    assert runtime.compute_dtype(build_config({"precision": "auto"}), torch.device("cpu")) == (
+        torch.bfloat16 if fast else torch.float32)
 
 
 @pytest.mark.parametrize(("schedule", "expected"), [
