@@ -497,7 +497,7 @@ def _quality(scores: dict) -> str:
 # what must agree for results measured in separate calls to stand in one table
 _SETUP = ("device", "versions", "weights", "arch", "baseline_batch", "baseline_steps", "real_tokens_per_example",
           "equal_tokens_per_step", "gen_prompts", "gen_timing", "prompt", "equal_budget_examples",
-          "equal_budget_schedule")
+          "equal_budget_schedule", "our_precision")
 
 
 def merge_results(parts: list[dict], names: list[str]) -> dict:
