@@ -128,11 +128,15 @@ def cpu_has_fast_bf16() -> bool:
     about 4x fp32 on a 2-core development machine) or AVX-512 BF16 (AMD Zen 4 EPYC and others; our full
     fine-tuning of SmolLM2-135M trained 1.7-1.8x faster in bf16 than in fp32 on a 2-core one, 2026-12-06).
     Elsewhere bf16 is emulated (an AVX2-only or plain AVX-512 CPU ran it far slower than fp32), so fp32 stays."""
-    return cpu_has_amx() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
 def cpu_has_amx() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def base_weight_dtype(method: Method, dtype: torch.dtype) -> torch.dtype:
@@ -414,7 +418,7 @@ def hardware(dev: torch.device) -> dict:
     # AVX2-only AMD EPYC and an AVX-512 EPYC with bf16 instructions, with different defaults and speeds
     info = {"device": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_amx": cpu_has_amx(),
-            "cpu_avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+            "cpu_avx512_bf16": cpu_has_avx512_bf16(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
