@@ -127,7 +127,8 @@ def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware: AMX (Intel Xeon Sapphire Rapids and later; bf16
     about 4x fp32 on a 2-core development machine) or AVX-512 BF16 (AMD Zen 4 EPYC and others; our full
     fine-tuning of SmolLM2-135M trained 1.7-1.8x faster in bf16 than in fp32 on a 2-core one, 2026-12-06).
-    Elsewhere bf16 is emulated (an AVX2-only or plain AVX-512 CPU ran it far slower than fp32), so fp32 stays."""
+    Elsewhere bf16 is emulated (an earlier development machine without either ran it far slower than fp32),
+    so fp32 stays."""
     return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
