@@ -143,6 +143,9 @@ def main() -> int:
                          "when folding keeps the adapter's update)")
     ap.add_argument("--also-greedy-loop", choices=["ours", "transformers"],
                     help="also time greedy generation with this loop (JSON: ours_gen_greedy_<loop>_loop)")
+    ap.add_argument("--also-decode-attention", choices=["products", "sdpa"],
+                    help="also time greedy generation with this decoding-step attention "
+                         "(JSON: ours_gen_greedy_<attention>_attention)")
     ap.add_argument("--quality-prompts", type=int, default=0,
                     help="test prompts both trained recipes answer for the quality check (0: 200 GPU, 32 CPU)")
     ap.add_argument("--quality-seeds", type=int, default=-1,
@@ -324,6 +327,9 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     if args.also_greedy_loop:  # the other loop in the same process, for a ratio
         row[f"ours_gen_greedy_{args.also_greedy_loop}_loop"] = timed_generation(
             dataclasses.replace(greedy, greedy_loop=args.also_greedy_loop))
+    if args.also_decode_attention:
+        row[f"ours_gen_greedy_{args.also_decode_attention}_attention"] = timed_generation(
+            dataclasses.replace(greedy, decode_attention=args.also_decode_attention))
     if args.cudnn_attention_too:
         row["ours_gen_greedy_cudnn_attention"] = timed_generation(dataclasses.replace(greedy, cudnn_attention=True))
     row["ours_gen_beam"] = timed_generation(dataclasses.replace(greedy, search="beam"), prompts[:args.beam_prompts])

@@ -31,7 +31,8 @@ COMPILE_MIN_STEPS = 500
 # changes what training computes (the CLI offers them to test and inference, the grid ignores them when it
 # compares a record's training settings with what it asks for)
 DECODING_SETTINGS = frozenset({"search", "num_beams", "max_new_tokens", "no_repeat_ngram", "gen_batch_tokens",
-                               "gen_max_batch_size", "temperature", "top_p", "greedy_loop", "merge_adapter"})
+                               "gen_max_batch_size", "temperature", "top_p", "greedy_loop", "decode_attention",
+                               "merge_adapter"})
 TEST_SETTINGS = frozenset({"max_test_examples", "test_file"})
 
 
@@ -100,13 +101,19 @@ class RunConfig:
     max_test_examples: int = field(default=0, metadata={"help": "score only the first N test examples (0: all)"})
     test_file: str = field(default="", metadata={"help": "score this JSONL of src/trg instead of the test split"})
     gen_batch_tokens: int = field(default=0, metadata={
-        "help": "prompt + new tokens per generation batch (0: 32768 on CPU, 262144 on GPU)"})
+        "help": "prompt + new tokens per generation batch (0: on CPU as many as a 1.5 GB key/value cache holds, "
+                "at most 65536; 262144 on GPU)"})
     gen_max_batch_size: int = field(default=0, metadata={
-        "help": "sequences per generation batch (0: 128 CPU, 1024 GPU)"})
+        "help": "sequences per generation batch (0: 256 CPU, 1024 GPU)"})
     greedy_loop: str = field(default="auto", metadata={
         "help": "decoding code: ours (greedy: the same tokens, cheaper steps; beam search: each prompt prefilled "
                 "once for all its beams) or transformers'; auto: ours on a CPU, where it was measured",
         "choices": ("auto", "ours", "transformers")})
+    decode_attention: str = field(default="auto", metadata={
+        "help": "attention of each decoding step: products (two batched products over the cache, scores rounded "
+                "to the compute dtype as in eager attention; faster on a CPU) or sdpa (torch's kernel, fp32 scores); "
+                "auto: products where our greedy loop runs on a CPU",
+        "choices": ("auto", "products", "sdpa")})
     merge_adapter: str = field(default="auto", metadata={
         "help": "test and inference: fold a LoRA or IA3 adapter into the base weights (the same function, one "
                 "product per layer instead of two paths, faster); auto: when the folded weights keep the adapter's "
@@ -137,7 +144,8 @@ class RunConfig:
         memory moderate and the step large enough for small models, where per-step overhead shows.
         """
         auto = {"batch_tokens": (2048, 32768), "max_batch_size": (64, 512),
-                "gen_batch_tokens": (32768, 262144), "gen_max_batch_size": (128, 1024),
+                # CPU generation: 0 leaves the token budget to the model's key/value size (generation.CACHE_BYTES)
+                "gen_batch_tokens": (0, 262144), "gen_max_batch_size": (256, 1024),
                 # a CPU machine has a fraction of a GPU's memory: full fine-tuning of SmolLM2-135M on 16k-token
                 # batches (the study's) went past the 2-core machine's 24 GB and was killed (0 on GPU: no limit)
                 "max_forward_tokens": (4096, 0)}

@@ -59,7 +59,7 @@ def decoding(config: RunConfig, on_gpu: bool) -> DecodingSettings:
                             batch_tokens=sizes["gen_batch_tokens"], max_batch_size=sizes["gen_max_batch_size"],
                             no_repeat_ngram=config.no_repeat_ngram, temperature=config.temperature,
                             top_p=config.top_p, seed=config.seed, cudnn_attention=config.cudnn_attention,
-                            greedy_loop=config.greedy_loop)
+                            greedy_loop=config.greedy_loop, decode_attention=config.decode_attention)
 
 
 def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import ModelOutput
 
 from peft_nlg.batching import collate, token_budget_batches
@@ -23,7 +25,7 @@ class DecodingSettings:
     num_beams: int = 4
     max_new_tokens: int = 64
     min_new_tokens: int = 0
-    batch_tokens: int = 16384
+    batch_tokens: int = 16384  # 0: as many as a key/value cache of CACHE_BYTES holds (cache_token_budget)
     max_batch_size: int = 64
     no_repeat_ngram: int = 0
     temperature: float = 1.0  # sampling only
@@ -31,6 +33,8 @@ class DecodingSettings:
     seed: int = 0             # sampling only: the same seed gives the same outputs on the same machine
     cudnn_attention: bool = False  # see runtime.attention_kernels: each decode step is a new shape
     greedy_loop: str = "auto"  # auto: ours (greedy_decoding) on a CPU, transformers' elsewhere; ours; transformers
+    # decoding steps' attention: auto: room_products_attention where our loop runs on a CPU; products; sdpa
+    decode_attention: str = "auto"
 
     def generate_kwargs(self) -> dict:
         lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens or None}
@@ -123,33 +127,48 @@ class RoomyLayer(DynamicLayer):
 
     transformers' ``DynamicLayer`` concatenates the whole cache with the new position at every step, copying
     it once per layer and step (0.8 ms per copy for 64 dialogue prompts on the 2-core CPU). Here a step writes
-    one position; the layer hands attention a view of the filled part, whose rows are strided, which the
-    attention kernels read as fast. Out of room it doubles.
+    one position; the layer hands attention a view of the filled part, whose rows are strided, which SDPA's
+    kernels read as fast. Out of room it doubles.
+
+    With ``whole_room`` it hands attention the whole room instead, one contiguous tensor, and reports the room's
+    size for the attention mask, which then masks the positions not yet written like padding (they hold zeros):
+    ``room_products_attention`` needs that to run its products in one call each.
     """
 
-    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int):
+    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int, whole_room: bool = False):
         super().__init__()
         self.device, self.is_initialized, self.length = key_room.device, True, length
-        self._key_room, self._value_room = key_room, value_room
+        self._key_room, self._value_room, self.whole_room = key_room, value_room, whole_room
         self._expose()
 
     @classmethod
-    def after(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> RoomyLayer:
+    def after(cls, keys: torch.Tensor, values: torch.Tensor, room: int, whole_room: bool = False) -> RoomyLayer:
         """The layer holding ``keys`` and ``values`` with room for ``room`` more positions."""
         length = keys.shape[-2]
-        return cls(_with_room(keys, length, room), _with_room(values, length, room), length)
+        return cls(_with_room(keys, length, room), _with_room(values, length, room), length, whole_room)
 
     def _expose(self) -> None:
-        self.keys = self._key_room[..., :self.length, :]
-        self.values = self._value_room[..., :self.length, :]
+        end = None if self.whole_room else self.length
+        self.keys = self._key_room[..., :end, :]
+        self.values = self._value_room[..., :end, :]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        new = key_states.shape[-2]
+    def _make_room(self, new: int) -> None:
         if self.length + new > self._key_room.shape[-2]:
             room = max(self.length, new)
             self._key_room = _with_room(self._key_room, self.length, room)
             self._value_room = _with_room(self._value_room, self.length, room)
+            self._expose()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.whole_room:
+            return super().get_mask_sizes(query_length)
+        self._make_room(query_length)  # the mask is made before the update, for the room the update will use
+        return self._key_room.shape[-2], 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        self._make_room(new)
         self._key_room[..., self.length:self.length + new, :] = key_states
         self._value_room[..., self.length:self.length + new, :] = value_states
         self.length += new
@@ -167,13 +186,14 @@ class RoomyLayer(DynamicLayer):
 
 
 def _with_room(states: torch.Tensor, length: int, room: int) -> torch.Tensor:
-    """The first ``length`` positions of ``states`` [..., positions, dim] in a buffer ``room`` positions longer."""
-    buffer = states.new_empty((*states.shape[:-2], length + room, states.shape[-1]))
+    """The first ``length`` positions of ``states`` [..., positions, dim] in a buffer ``room`` positions longer,
+    zeros after them (a masked position must hold nothing that could turn into NaN in attention)."""
+    buffer = states.new_zeros((*states.shape[:-2], length + room, states.shape[-1]))
     buffer[..., :length, :] = states[..., :length, :]
     return buffer
 
 
-def reserve_cache_room(cache, room: int) -> None:
+def reserve_cache_room(cache, room: int, whole_room: bool = False) -> None:
     """Give every plain dynamic self-attention layer of ``cache`` room for ``room`` more positions.
 
     Cross-attention caches (an encoder-decoder's) never grow and stay as they are; any other cache type
@@ -185,7 +205,7 @@ def reserve_cache_room(cache, room: int) -> None:
         return
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-            cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room)
+            cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room, whole_room)
 
 
 def _per_row_inputs(model_kwargs: dict) -> set[str]:
@@ -216,7 +236,8 @@ def shared_prefix_length(input_ids: torch.LongTensor, lengths: torch.LongTensor)
     return int((leading == leading[:1]).all(0).cumprod(0).sum())
 
 
-def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, room: int):
+def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, room: int,
+                      whole_room: bool = False):
     """The prefill of a left-padded decoder-only batch, run in groups of rows of similar length, with the
     prompts' common beginning computed once.
 
@@ -292,9 +313,85 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
             for states_room, states in zip(layer_rooms, layer_states, strict=True):
                 # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
                 states_room[every_row, :, prefix_columns] = states[0].transpose(0, 1)
-    cache.layers = [RoomyLayer(key_room, value_room, width) for key_room, value_room in rooms]
+    cache.layers = [RoomyLayer(key_room, value_room, width, whole_room) for key_room, value_room in rooms]
     outputs["logits"], outputs["cache"] = logits, cache
     return outputs
+
+
+# the attention our decoding runs on a CPU (see room_products_attention), by the name transformers knows it by
+ROOM_PRODUCTS = "peft_nlg_room_products"
+
+
+def room_products_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """A decoding step's attention (one query position) as two batched matrix products, one call each for
+    every row and head; several query positions (a prefill), or anything SDPA's path handles that plain
+    products would not (dropout, soft-capping, sinks, a position bias), go to transformers' SDPA attention.
+
+    torch's CPU flash-attention kernel runs a small product per row and key/value head: for 128 rows, 3 key/value
+    heads and about 150 cached positions, 2.2-2.6 ms per layer and step on the 2-core AVX-512 CPU, where the same
+    attention as two products over each layer's contiguous cache room (positions not yet written masked) took
+    1.3-1.8 ms (micro-benchmark, 30 layers' caches in turn). The keys and values are then the whole room
+    (``RoomyLayer`` with ``whole_room``), so each product reads them in place.
+
+    Precision: the scores come out of the product in the compute dtype and are softmaxed in fp32, as
+    transformers' eager attention does; SDPA keeps them in fp32. In fp32 nothing is rounded.
+    """
+    plain = (query.shape[2] == 1 and attention_mask is not None and not dropout
+             and all(kwargs.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias")))
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    group = heads // kv_heads  # query heads per key/value head, next to each other (transformers' repeat_kv)
+    scaling = dim ** -0.5 if scaling is None else scaling
+    queries = (query * scaling).reshape(rows * kv_heads, group, dim)
+    scores = torch.bmm(queries, key.reshape(rows * kv_heads, positions, dim).transpose(1, 2))
+    scores = scores.view(rows, kv_heads, group, positions).float()
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    weights = scores.softmax(-1).to(value.dtype).view(rows * kv_heads, group, positions)
+    output = torch.bmm(weights, value.reshape(rows * kv_heads, positions, dim))
+    return output.view(rows, 1, heads, dim), None
+
+
+def _mask_for_room_products(*args, **kwargs):
+    # always a mask: SDPA may drop it and attend everywhere when nothing is padding, but the room's unwritten
+    # positions (RoomyLayer's whole_room) must be masked
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ROOM_PRODUCTS, room_products_attention)
+AttentionMaskInterface.register(ROOM_PRODUCTS, _mask_for_room_products)
+
+
+def attends_by_room_products(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == ROOM_PRODUCTS
+
+
+@contextmanager
+def decoding_attention(model, use_room_products: bool):
+    """Within: the model attends with ``room_products_attention`` where asked and the model takes a registered
+    attention function (transformers' encoder-decoders here do not); afterwards, as before. Yields whether it
+    switched."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if not use_room_products or previous != "sdpa":
+        yield False
+        return
+    try:
+        model.set_attn_implementation(ROOM_PRODUCTS)
+    except (ValueError, ImportError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation(previous)
 
 
 # finished rows leave the batch once fewer than this share of its rows is unfinished: a step's work grows with
@@ -335,11 +432,12 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     check_every = STOP_CHECK_EVERY.get(input_ids.device.type, 8)
     is_encoder_decoder = model.config.is_encoder_decoder
     room = generation_config.max_length - input_ids.shape[1]
-    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room)
+    whole_room = attends_by_room_products(model)
+    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, whole_room)
     if outputs is None:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         # the decoding steps write into room reserved once, instead of copying the cache at every step
-        reserve_cache_room(outputs.get("cache"), room)
+        reserve_cache_room(outputs.get("cache"), room, whole_room)
     steps = 0
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # each row's place in the whole batch
     whole = None  # the whole batch's ids, written as rows leave
@@ -476,6 +574,26 @@ def packed_output_head(model, rows: int):
             head.forward = previous
 
 
+# a generation batch's keys and values at most, where its token budget is left to the model (batch_tokens 0,
+# the CPU default), and the most tokens then: SmolLM2-135M in bf16 holds 23 KB a token (30 layers, 3 key/value
+# heads of 64), so 65,536 tokens (256 rows of test mode's longest dialogue prompts) take 1.5 GB; a model of
+# 1.7B parameters (24 layers, 32 heads of 64: 196 KB a token) gets 8,192
+CACHE_BYTES = 1.5 * 2**30
+MAX_CACHE_TOKENS = 65536
+
+
+def cache_token_budget(config, dtype: torch.dtype) -> int:
+    """Tokens (prompt and new) whose keys and values fill ``CACHE_BYTES`` in ``dtype``, at most
+    ``MAX_CACHE_TOKENS``; an encoder-decoder's cross-attention counted as much again."""
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    layers = getattr(config, "decoder_layers", None) or config.num_hidden_layers
+    per_token = layers * 2 * kv_heads * head_dim * dtype.itemsize * (2 if config.is_encoder_decoder else 1)
+    return max(1, min(MAX_CACHE_TOKENS, int(CACHE_BYTES // per_token)))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings: DecodingSettings,
              dev: torch.device, dtype: torch.dtype = torch.float32, show_progress: bool = True
@@ -485,8 +603,9 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     prompts = [{"input_ids": ids} for ids in prompter.prompts(sources)]
     # beams multiply the live sequences, so shrink the prompt budget to keep memory flat
     width = settings.num_beams if settings.search == "beam" else 1
+    batch_tokens = settings.batch_tokens or cache_token_budget(model.config, dtype)
     batches = token_budget_batches([len(p["input_ids"]) + settings.max_new_tokens for p in prompts],
-                                   max(settings.batch_tokens // width, 1), settings.max_batch_size)
+                                   max(batch_tokens // width, 1), settings.max_batch_size)
     outputs: list[str] = [""] * len(sources)
     new_tokens = 0
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -498,11 +617,16 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     # our decoding code where it was measured faster (the CPU); transformers' own elsewhere until measured there
     ours_for_search = OUR_DECODING.get(settings.search) if ours else None
     loop = {"custom_generate": ours_for_search[0]} if ours_for_search else {}
+    if settings.decode_attention not in ("auto", "products", "sdpa"):
+        raise ValueError(f"decode_attention must be auto, products or sdpa, not '{settings.decode_attention}'")
+    room_products = settings.decode_attention == "products" or (
+        settings.decode_attention == "auto" and ours_for_search is not None and dev.type == "cpu")
     synchronize(dev)
     started = time.perf_counter()
     with (packed_output_head(model, settings.max_batch_size * width) as packed_head,
           torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
-          attention_kernels(settings.cudnn_attention)):
+          attention_kernels(settings.cudnn_attention),
+          decoding_attention(model, room_products) as by_products):
         for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):
             batch = collate([prompts[i] for i in indices], pad, prompter.family.padding_side)
             batch = {k: v.to(dev) for k, v in batch.items()}
@@ -523,7 +647,9 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     seconds = time.perf_counter() - started
     stats = {"generate_seconds": round(seconds, 3), "new_tokens": new_tokens,
              "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
+             "batch_tokens": batch_tokens,
              "attention_kernels": attention_kernel_names(settings.cudnn_attention),
+             "decode_attention": "room products" if by_products else "as loaded",
              "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
              "output_head": "oneDNN packed" if packed_head else "as loaded"}
     return outputs, stats

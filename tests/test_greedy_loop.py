@@ -335,3 +335,99 @@ def test_output_head_is_not_packed_in_fp32(tiny_models):
     _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
                         DecodingSettings(max_new_tokens=2), CPU, show_progress=False)
     assert stats["output_head"] == "as loaded"
+
+
+class _AttentionModule(torch.nn.Module):  # what transformers' attention functions read from their module
+    num_key_value_groups, is_causal, training = 3, True, False
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_room_products_attention_is_sdpa_on_the_written_positions(mask_kind):
+    """A decoding step's attention over a layer's whole room (positions past the written ones masked, whatever
+    they hold) is SDPA's over the written positions alone, grouped-query heads and left padding included; a
+    prefill (several query positions) is SDPA's own call."""
+    generator = torch.Generator().manual_seed(0)
+    rows, kv_heads, dim, written, room = 4, 2, 16, 9, 14
+    query = torch.randn(rows, kv_heads * 3, 1, dim, generator=generator)
+    keys, values = (torch.randn(rows, kv_heads, room, dim, generator=generator) for _ in range(2))
+    keys[..., written:, :], values[..., written:, :] = 1e4, -1e4  # unwritten: would dominate if not masked
+    padding = torch.tensor([0, 3, 1, 0])  # left padding per row
+    positions = torch.arange(room)
+    real = (positions >= padding[:, None]) & (positions < written)
+    mask = real[:, None, None, :]
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module = _AttentionModule()
+    ours, _ = generation.room_products_attention(module, query, keys, values, mask, scaling=0.3)
+    expected, _ = generation.sdpa_attention_forward(module, query, keys[..., :written, :], values[..., :written, :],
+                                                    mask[..., :written], scaling=0.3)
+    assert ours.shape == expected.shape == (rows, 1, kv_heads * 3, dim)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert ours.abs().max() < 100  # nothing of the unwritten positions' ±1e4 came through
+    prefill_query = torch.randn(rows, kv_heads * 3, 5, dim, generator=generator)
+    prefill_mask = torch.ones(rows, 1, 5, written, dtype=torch.bool).tril(written - 5)
+    args = (module, prefill_query, keys[..., :written, :], values[..., :written, :], prefill_mask)
+    assert torch.equal(generation.room_products_attention(*args)[0], generation.sdpa_attention_forward(*args)[0])
+
+
+def test_roomy_layer_with_the_whole_room_reports_and_grows_the_room_for_the_mask():
+    generator = torch.Generator().manual_seed(0)
+    first = [torch.randn(2, 3, 4, 5, generator=generator) for _ in range(2)]
+    roomy = generation.RoomyLayer.after(*first, room=2, whole_room=True)
+    assert roomy.get_mask_sizes(1) == (6, 0) and roomy.keys.shape[-2] == 6 and roomy.keys.is_contiguous()
+    assert torch.equal(roomy.keys[..., :4, :], first[0]) and not roomy.keys[..., 4:, :].any()  # zeros after
+    for step in range(3):  # the third step finds the room full: the mask's size call makes more first
+        kv_length, _ = roomy.get_mask_sizes(1)
+        keys, _ = roomy.update(*[torch.randn(2, 3, 1, 5, generator=generator) for _ in range(2)])
+        assert keys.shape[-2] == kv_length >= roomy.get_seq_length() == 5 + step
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "prefix_tuning", "prompt_tuning"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_decoding_by_room_products_writes_the_tokens_of_sdpa(tiny_models, arch, method):
+    """In fp32 our greedy loop attending by room products writes SDPA's tokens, on every architecture, rows
+    stopping early included; the model attends as loaded again afterwards; auto picks it on a CPU."""
+    loaded = _perturbed(tiny_models[arch], method)
+    implementation = loaded.model.config._attn_implementation
+    results = {}
+    for attention in ("sdpa", "products", "auto"):
+        handle, calls = _stop_some_rows_early(loaded)
+        texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES,
+                                DecodingSettings(max_new_tokens=12, decode_attention=attention), CPU,
+                                show_progress=False)
+        handle.remove()
+        results[attention] = texts, stats["new_tokens"], len(calls), stats["decode_attention"]
+        assert loaded.model.config._attn_implementation == implementation
+    assert results["products"][:3] == results["sdpa"][:3] == results["auto"][:3]
+    used = [results[name][3] for name in ("sdpa", "products", "auto")]
+    assert used == ["as loaded", "room products", "room products"]
+    assert sum(map(len, results["products"][0])) > 0
+    with pytest.raises(ValueError, match="decode_attention must be"):
+        generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
+                 DecodingSettings(decode_attention="flash"), CPU, show_progress=False)
+
+
+def test_cpu_generation_batches_are_sized_by_the_key_value_cache_they_hold(tiny_models):
+    """Left to the model (batch_tokens 0, the CPU default), a batch holds as many tokens as CACHE_BYTES of keys
+    and values: 65,536 tokens (the cap) for the embedded model's architecture in bf16, fewer for larger models
+    and in fp32; the budget shapes the batches."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from peft_nlg.config import RunConfig
+
+    smollm2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    assert generation.cache_token_budget(smollm2, torch.bfloat16) == 65536  # 23,040 bytes a token: capped
+    assert generation.cache_token_budget(smollm2, torch.float32) == int(1.5 * 2**30 // 46080)
+    larger = LlamaConfig(num_hidden_layers=24, hidden_size=2048, num_attention_heads=32, num_key_value_heads=32)
+    assert generation.cache_token_budget(larger, torch.bfloat16) == 8192
+    sizes = RunConfig(task="dialogue", method="none").resolved_sizes(on_gpu=False)
+    assert (sizes["gen_batch_tokens"], sizes["gen_max_batch_size"]) == (0, 256)
+    loaded = _perturbed(tiny_models["t5"], "none")
+    config = AutoConfig.from_pretrained(tiny_models["t5"])
+    budget = generation.cache_token_budget(config, torch.float32)
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
+                        DecodingSettings(max_new_tokens=2, batch_tokens=0), CPU, show_progress=False)
+    assert stats["batch_tokens"] == budget and stats["batches"] == 1
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
+                        DecodingSettings(max_new_tokens=2, batch_tokens=40), CPU, show_progress=False)
+    assert stats["batch_tokens"] == 40 and stats["batches"] > 1
