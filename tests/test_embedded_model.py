@@ -58,9 +58,9 @@ def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir,
                "The weather was bad, so we stayed at home and read books all afternoon.", "Thank you!",
                "How much does the ticket to Berlin cost?"]
 
-    def run(loop):
-        return generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
-                                   generation.DecodingSettings(max_new_tokens=40, greedy_loop=loop), cpu,
+    def run(loop, attention="sdpa"):  # SDPA's attention: in bf16 the products' rounding is a change of its own
+        settings = generation.DecodingSettings(max_new_tokens=40, greedy_loop=loop, decode_attention=attention)
+        return generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources, settings, cpu,
                                    torch.bfloat16, show_progress=False)
 
     ours, ours_stats = run("ours")
@@ -78,6 +78,31 @@ def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir,
     assert (ours_stats["output_head"], theirs_stats["output_head"]) == (packed, "as loaded")
     assert ours == theirs and ours_stats["new_tokens"] == theirs_stats["new_tokens"]
     assert sum(map(len, ours)) > 0
+
+
+def test_decoding_attention_by_products_keeps_the_real_models_outputs_in_fp32(model_dir):
+    """On the real weights in fp32, decoding steps attending by batched products over the cache room write
+    exactly what SDPA's attention writes (in bf16 the products round the scores, as eager attention does)."""
+    import torch
+
+    import peft_nlg.generation as generation
+    from peft_nlg.config import build_config
+    from peft_nlg.runtime import load_base
+
+    config = build_config({"task": "dialogue", "model": EMBEDDED_MODEL})
+    cpu = torch.device("cpu")
+    loaded = load_base(config, cpu, torch.float32)
+    sources = ["Hi! How was your weekend?", "I just adopted a puppy and I have no idea what to feed him.",
+               "Do you like jazz?", "My train was cancelled again this morning, third time this week.",
+               "What should I cook tonight?", "Thanks for your help yesterday!"]
+    results = {}
+    for attention in ("sdpa", "products"):
+        settings = generation.DecodingSettings(max_new_tokens=32, decode_attention=attention)
+        results[attention] = generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources, settings,
+                                                 cpu, torch.float32, show_progress=False)
+    (theirs, theirs_stats), (ours, ours_stats) = results["sdpa"], results["products"]
+    assert (ours_stats["decode_attention"], theirs_stats["decode_attention"]) == ("room products", "as loaded")
+    assert ours == theirs and ours_stats["new_tokens"] == theirs_stats["new_tokens"] > 6 * 3
 
 
 def test_prefill_in_groups_keeps_the_real_models_outputs_in_fp32(model_dir, monkeypatch):
