@@ -122,6 +122,17 @@ STOP_CHECK_EVERY = {"cpu": 1}
 _MASKING_ONLY = (NeverEmit, NoRepeatInOutput, MinNewTokensLengthLogitsProcessor)
 
 
+# auto attends by room products in batches of at least this many rows: they were faster than SDPA in batches of
+# 128 and 256 dialogue prompts (1.07-1.21x, 2-core AVX-512 CPU) and slower in one of 40 translation prompts
+# (100-106 against 114-124 new tokens/s); between the two it is unmeasured
+ROOM_PRODUCTS_MIN_ROWS = 128
+
+# positions a whole-room cache layer grows by: each position of room costs every step's attention as much as a
+# written one, and each growth copies the layer once (a copy costs about a step's attention over the layer;
+# once in 16 steps, against on average 8 positions of unused room per step)
+ROOM_STEP = 16
+
+
 class RoomyLayer(DynamicLayer):
     """A self-attention cache layer that writes each step's keys and values into room reserved after the prefill.
 
@@ -154,7 +165,8 @@ class RoomyLayer(DynamicLayer):
 
     def _make_room(self, new: int) -> None:
         if self.length + new > self._key_room.shape[-2]:
-            room = max(self.length, new)
+            # the whole room is attended over, so it grows a little at a time; a view only doubles
+            room = max(ROOM_STEP, new) if self.whole_room else max(self.length, new)
             self._key_room = _with_room(self._key_room, self.length, room)
             self._value_room = _with_room(self._value_room, self.length, room)
             self._expose()
@@ -431,8 +443,11 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     keep_dtype = all(isinstance(p, _MASKING_ONLY) for p in logits_processor)
     check_every = STOP_CHECK_EVERY.get(input_ids.device.type, 8)
     is_encoder_decoder = model.config.is_encoder_decoder
-    room = generation_config.max_length - input_ids.shape[1]
     whole_room = attends_by_room_products(model)
+    # room for every new token, once; attended over whole, room grows as it fills (a task's limit, e.g. 128
+    # new tokens, is often several times what a batch writes)
+    room = generation_config.max_length - input_ids.shape[1]
+    room = min(room, ROOM_STEP) if whole_room else room
     outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, whole_room)
     if outputs is None:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
@@ -619,26 +634,20 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     loop = {"custom_generate": ours_for_search[0]} if ours_for_search else {}
     if settings.decode_attention not in ("auto", "products", "sdpa"):
         raise ValueError(f"decode_attention must be auto, products or sdpa, not '{settings.decode_attention}'")
-    room_products = settings.decode_attention == "products" or (
-        settings.decode_attention == "auto" and ours_for_search is not None and dev.type == "cpu")
+    auto_products = settings.decode_attention == "auto" and ours_for_search is not None and dev.type == "cpu"
+    by_products = 0  # batches that attended by room products
     synchronize(dev)
     started = time.perf_counter()
     with (packed_output_head(model, settings.max_batch_size * width) as packed_head,
           torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
-          attention_kernels(settings.cudnn_attention),
-          decoding_attention(model, room_products) as by_products):
+          attention_kernels(settings.cudnn_attention)):
         for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):
-            batch = collate([prompts[i] for i in indices], pad, prompter.family.padding_side)
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            # padding is never a word: ruling it out keeps an undertrained model from "writing" blanks
-            processors = LogitsProcessorList([NeverEmit(pad)])
-            if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
-                prompt_width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
-                processors.append(NoRepeatInOutput(settings.no_repeat_ngram, prompt_width))
-            generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, logits_processor=processors,
-                                       **settings.generate_kwargs(), **loop)
-            if not prompter.family.is_encoder_decoder:
-                generated = generated[:, batch["input_ids"].shape[1]:]
+            room_products = settings.decode_attention == "products" or (
+                auto_products and len(indices) >= ROOM_PRODUCTS_MIN_ROWS)
+            with decoding_attention(model, room_products) as switched:
+                by_products += switched
+                generated = _generate_batch(model, [prompts[i] for i in indices], settings, prompter, pad,
+                                                   eos, dev, loop)
             for row, index in zip(generated.tolist(), indices, strict=True):
                 kept = _until_eos(row, eos, pad, prompter.family.is_encoder_decoder)
                 new_tokens += len(kept)
@@ -649,10 +658,28 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
              "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
              "batch_tokens": batch_tokens,
              "attention_kernels": attention_kernel_names(settings.cudnn_attention),
-             "decode_attention": "room products" if by_products else "as loaded",
+             "decode_attention": ("room products" if by_products == len(batches) else "as loaded" if not by_products
+                                  else f"room products in {by_products} of {len(batches)} batches"),
              "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
              "output_head": "oneDNN packed" if packed_head else "as loaded"}
     return outputs, stats
+
+
+def _generate_batch(model, prompts: list[dict], settings: DecodingSettings, prompter: Prompter, pad: int, eos: int,
+                    dev: torch.device, loop: dict) -> torch.Tensor:
+    """One batch's generated ids (an encoder-decoder's from its start token, a decoder-only's after the prompt)."""
+    batch = collate(prompts, pad, prompter.family.padding_side)
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    # padding is never a word: ruling it out keeps an undertrained model from "writing" blanks
+    processors = LogitsProcessorList([NeverEmit(pad)])
+    if settings.no_repeat_ngram:  # an encoder-decoder's decoder starts from one start token
+        prompt_width = 1 if prompter.family.is_encoder_decoder else batch["input_ids"].shape[1]
+        processors.append(NoRepeatInOutput(settings.no_repeat_ngram, prompt_width))
+    generated = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, logits_processor=processors,
+                               **settings.generate_kwargs(), **loop)
+    if not prompter.family.is_encoder_decoder:
+        generated = generated[:, batch["input_ids"].shape[1]:]
+    return generated
 
 
 def _until_eos(row: list[int], eos: int, pad: int, skip_first: bool) -> list[int]:

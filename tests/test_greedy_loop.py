@@ -384,11 +384,16 @@ def test_roomy_layer_with_the_whole_room_reports_and_grows_the_room_for_the_mask
 
 @pytest.mark.parametrize("method", ["none", "lora", "prefix_tuning", "prompt_tuning"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_decoding_by_room_products_writes_the_tokens_of_sdpa(tiny_models, arch, method):
+def test_decoding_by_room_products_writes_the_tokens_of_sdpa(tiny_models, arch, method, monkeypatch):
     """In fp32 our greedy loop attending by room products writes SDPA's tokens, on every architecture, rows
-    stopping early included; the model attends as loaded again afterwards; auto picks it on a CPU."""
+    stopping early included; the model attends as loaded again afterwards; auto picks it on a CPU for batches of
+    ROOM_PRODUCTS_MIN_ROWS rows or more."""
     loaded = _perturbed(tiny_models[arch], method)
     implementation = loaded.model.config._attn_implementation
+    _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES, DecodingSettings(max_new_tokens=2),
+                        CPU, show_progress=False)
+    assert stats["decode_attention"] == "as loaded"  # auto: too few rows
+    monkeypatch.setattr(generation, "ROOM_PRODUCTS_MIN_ROWS", len(SOURCES))
     results = {}
     for attention in ("sdpa", "products", "auto"):
         handle, calls = _stop_some_rows_early(loaded)
