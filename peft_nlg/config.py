@@ -112,7 +112,7 @@ class RunConfig:
     decode_attention: str = field(default="auto", metadata={
         "help": "attention of each decoding step: products (two batched products over the cache, scores rounded "
                 "to the compute dtype as in eager attention; faster on a CPU) or sdpa (torch's kernel, fp32 scores); "
-                "auto: products where our greedy loop runs on a CPU",
+                "auto: products where our greedy loop runs on a CPU, in batches of 128 rows or more",
         "choices": ("auto", "products", "sdpa")})
     merge_adapter: str = field(default="auto", metadata={
         "help": "test and inference: fold a LoRA or IA3 adapter into the base weights (the same function, one "

@@ -33,7 +33,8 @@ class DecodingSettings:
     seed: int = 0             # sampling only: the same seed gives the same outputs on the same machine
     cudnn_attention: bool = False  # see runtime.attention_kernels: each decode step is a new shape
     greedy_loop: str = "auto"  # auto: ours (greedy_decoding) on a CPU, transformers' elsewhere; ours; transformers
-    # decoding steps' attention: auto: room_products_attention where our loop runs on a CPU; products; sdpa
+    # decoding steps' attention: auto: room_products_attention where our loop runs on a CPU, in batches of at
+    # least ROOM_PRODUCTS_MIN_ROWS rows; products; sdpa
     decode_attention: str = "auto"
 
     def generate_kwargs(self) -> dict:
@@ -388,9 +389,8 @@ def attends_by_room_products(model) -> bool:
 
 @contextmanager
 def decoding_attention(model, use_room_products: bool):
-    """Within: the model attends with ``room_products_attention`` where asked and the model takes a registered
-    attention function (transformers' encoder-decoders here do not); afterwards, as before. Yields whether it
-    switched."""
+    """Within: the model attends with ``room_products_attention`` where asked, if it attends by SDPA and takes a
+    registered attention function; afterwards, as before. Yields whether it switched."""
     previous = getattr(model.config, "_attn_implementation", None)
     if not use_room_products or previous != "sdpa":
         yield False
