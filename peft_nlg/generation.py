@@ -646,8 +646,8 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
                 auto_products and len(indices) >= ROOM_PRODUCTS_MIN_ROWS)
             with decoding_attention(model, room_products) as switched:
                 by_products += switched
-                generated = _generate_batch(model, [prompts[i] for i in indices], settings, prompter, pad,
-                                                   eos, dev, loop)
+                generated = _generate_batch(model, [prompts[i] for i in indices], settings, prompter, pad, eos,
+                                            dev, loop)
             for row, index in zip(generated.tolist(), indices, strict=True):
                 kept = _until_eos(row, eos, pad, prompter.family.is_encoder_decoder)
                 new_tokens += len(kept)
