@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,6 +135,40 @@ ROOM_PRODUCTS_MIN_ROWS = 128
 ROOM_STEP = 16
 
 
+class RoomPool:
+    """The buffers a cache's rooms live in, each big enough for one layer's keys or values at their longest
+    (``positions``), handed on from layer to layer as rooms grow or lose rows.
+
+    A room that grows or drops rows needs a new buffer, which the 30 layers' keys and values all need at the same
+    step. Freshly allocated, each of those buffers is fresh memory the kernel has to fault in page by page: for
+    256 rows, zeroing 22 MB took 25 ms per layer (the page faults), against 1.4 ms for the copy that follows
+    (2-core AVX-512 EPYC, profiled), 2.8 s of a 40 s generation. Here the first room that grows takes one new
+    buffer and leaves its own behind for the next, so a batch allocates one buffer more, once.
+    """
+
+    def __init__(self, positions: int = 0):  # 0: as many as each room needs
+        self.positions, self.spare = positions, None
+        # the buffers this pool allocated, held so that no other tensor can take their address: only those are
+        # passed on (the pool lives as long as its cache, one batch)
+        self._ours: dict[int, torch.UntypedStorage] = {}
+
+    def room(self, like: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+        """An uninitialised contiguous [rows, ..., positions, dim] tensor of ``like``'s dtype."""
+        shape = (rows, *like.shape[1:-2], positions, like.shape[-1])
+        needed = math.prod(shape)
+        spare, self.spare = self.spare, None
+        if spare is None or spare.numel() < needed or (spare.dtype, spare.device) != (like.dtype, like.device):
+            spare = like.new_empty(max(needed, needed // positions * max(positions, self.positions)))
+            self._ours[spare.data_ptr()] = spare.untyped_storage()
+        return spare[:needed].view(shape)
+
+    def give_back(self, room: torch.Tensor) -> None:
+        """``room``'s buffer, if this pool allocated it, for the next room; ``room`` must not be used again."""
+        storage = room.untyped_storage()
+        if storage.data_ptr() in self._ours and (self.spare is None or storage.nbytes() > self.spare.nbytes):
+            self.spare = room.new_empty(0).set_(storage)
+
+
 class RoomyLayer(DynamicLayer):
     """A self-attention cache layer that writes each step's keys and values into room reserved after the prefill.
 
@@ -145,19 +180,25 @@ class RoomyLayer(DynamicLayer):
     With ``whole_room`` it hands attention the whole room instead, one contiguous tensor, and reports the room's
     size for the attention mask, which then masks the positions not yet written like padding (they hold zeros):
     ``room_products_attention`` needs that to run its products in one call each.
+
+    New rooms (to grow, or to keep fewer rows) come from ``pool``, shared by a cache's layers.
     """
 
-    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int, whole_room: bool = False):
+    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int, whole_room: bool = False,
+                 pool: RoomPool | None = None):
         super().__init__()
         self.device, self.is_initialized, self.length = key_room.device, True, length
         self._key_room, self._value_room, self.whole_room = key_room, value_room, whole_room
+        self.pool = pool or RoomPool()
         self._expose()
 
     @classmethod
-    def after(cls, keys: torch.Tensor, values: torch.Tensor, room: int, whole_room: bool = False) -> RoomyLayer:
+    def after(cls, keys: torch.Tensor, values: torch.Tensor, room: int, whole_room: bool = False,
+              pool: RoomPool | None = None) -> RoomyLayer:
         """The layer holding ``keys`` and ``values`` with room for ``room`` more positions."""
-        length = keys.shape[-2]
-        return cls(_with_room(keys, length, room), _with_room(values, length, room), length, whole_room)
+        pool, length = pool or RoomPool(), keys.shape[-2]
+        return cls(_with_room(keys, length, room, pool), _with_room(values, length, room, pool), length, whole_room,
+                   pool)
 
     def _expose(self) -> None:
         end = None if self.whole_room else self.length
@@ -168,9 +209,16 @@ class RoomyLayer(DynamicLayer):
         if self.length + new > self._key_room.shape[-2]:
             # the whole room is attended over, so it grows a little at a time; a view only doubles
             room = max(ROOM_STEP, new) if self.whole_room else max(self.length, new)
-            self._key_room = _with_room(self._key_room, self.length, room)
-            self._value_room = _with_room(self._value_room, self.length, room)
+            if self.pool.positions:  # no further than the pool's buffers hold (the most a batch writes) unless needed
+                room = max(new, min(room, self.pool.positions - self.length))
+            self._key_room = self._moved(self._key_room, _with_room(self._key_room, self.length, room, self.pool))
+            self._value_room = self._moved(self._value_room,
+                                           _with_room(self._value_room, self.length, room, self.pool))
             self._expose()
+
+    def _moved(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        self.pool.give_back(old)
+        return new
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.whole_room:
@@ -193,21 +241,27 @@ class RoomyLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep (and order) the rows ``beam_idx``, room included."""
-        self._key_room = self._key_room.index_select(0, beam_idx.to(self._key_room.device))
-        self._value_room = self._value_room.index_select(0, beam_idx.to(self._value_room.device))
+        beam_idx = beam_idx.to(self._key_room.device)
+        self._key_room = self._moved(self._key_room, self._rows(self._key_room, beam_idx))
+        self._value_room = self._moved(self._value_room, self._rows(self._value_room, beam_idx))
         self._expose()
 
+    def _rows(self, room: torch.Tensor, rows: torch.LongTensor) -> torch.Tensor:
+        return torch.index_select(room, 0, rows, out=self.pool.room(room, len(rows), room.shape[-2]))
 
-def _with_room(states: torch.Tensor, length: int, room: int) -> torch.Tensor:
+
+def _with_room(states: torch.Tensor, length: int, room: int, pool: RoomPool) -> torch.Tensor:
     """The first ``length`` positions of ``states`` [..., positions, dim] in a buffer ``room`` positions longer,
     zeros after them (a masked position must hold nothing that could turn into NaN in attention)."""
-    buffer = states.new_zeros((*states.shape[:-2], length + room, states.shape[-1]))
+    buffer = pool.room(states, states.shape[0], length + room)
     buffer[..., :length, :] = states[..., :length, :]
+    buffer[..., length:, :] = 0
     return buffer
 
 
-def reserve_cache_room(cache, room: int, whole_room: bool = False) -> None:
-    """Give every plain dynamic self-attention layer of ``cache`` room for ``room`` more positions.
+def reserve_cache_room(cache, room: int, whole_room: bool = False, pool: RoomPool | None = None) -> None:
+    """Give every plain dynamic self-attention layer of ``cache`` room for ``room`` more positions, rooms from
+    ``pool`` (one for all layers).
 
     Cross-attention caches (an encoder-decoder's) never grow and stay as they are; any other cache type
     (static, sliding-window) is left alone.
@@ -216,9 +270,10 @@ def reserve_cache_room(cache, room: int, whole_room: bool = False) -> None:
         cache = cache.self_attention_cache
     if not isinstance(cache, DynamicCache):
         return
+    pool = pool or RoomPool()
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-            cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room, whole_room)
+            cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room, whole_room, pool)
 
 
 def _per_row_inputs(model_kwargs: dict) -> set[str]:
@@ -250,15 +305,16 @@ def shared_prefix_length(input_ids: torch.LongTensor, lengths: torch.LongTensor)
 
 
 def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, room: int,
-                      whole_room: bool = False):
+                      whole_room: bool = False, pool: RoomPool | None = None):
     """The prefill of a left-padded decoder-only batch, run in groups of rows of similar length, with the
     prompts' common beginning computed once.
 
     One prefill call computes every padding position of the batch: for 64 dialogue prompts of 24 to 145 tokens,
     9,280 positions for 3,935 real ones, and on the 2-core CPU the prefill was 40% of a 30-layer model's
     greedy decoding. Each group of ``PREFILL_ROWS`` rows drops the padding columns it does not need; the
-    groups' caches are then laid side by side, right-aligned, in one cache with ``room`` positions to spare,
-    so the decoding steps still run on the whole batch. The columns a group dropped stay zero and masked.
+    groups' caches are then laid side by side, right-aligned, in one cache with ``room`` positions to spare
+    (rooms from ``pool``), so the decoding steps still run on the whole batch. The columns a group dropped stay
+    zero and masked.
 
     Every prompt of a task starts with the same system turn and instruction (31 of the 84 tokens of an average
     dialogue prompt in the benchmark's format). Those positions have the same token ids and position ids in
@@ -279,11 +335,11 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     columns = torch.arange(width, device=mask.device)
     if not torch.equal(mask.bool(), columns[None, :] >= width - lengths[:, None]):
         return None  # not every row is one block of real tokens at the right end
-    batch = input_ids.shape[0]
+    batch, pool = input_ids.shape[0], pool or RoomPool()
 
     def whole_batch(states: torch.Tensor, capacity: int) -> torch.Tensor:
         # zeros: a masked position must not hold what could turn into NaN in attention
-        return states.new_zeros((batch, *states.shape[1:-2], capacity, states.shape[-1]))
+        return pool.room(states, batch, capacity).zero_()
 
     def prefill_part(part: dict, cache: DynamicCache):
         return model._prefill(part["input_ids"], generation_config,
@@ -326,7 +382,7 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
             for states_room, states in zip(layer_rooms, layer_states, strict=True):
                 # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
                 states_room[every_row, :, prefix_columns] = states[0].transpose(0, 1)
-    cache.layers = [RoomyLayer(key_room, value_room, width, whole_room) for key_room, value_room in rooms]
+    cache.layers = [RoomyLayer(key_room, value_room, width, whole_room, pool) for key_room, value_room in rooms]
     outputs["logits"], outputs["cache"] = logits, cache
     return outputs
 
@@ -448,11 +504,12 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     # new tokens, is often several times what a batch writes)
     room = generation_config.max_length - input_ids.shape[1]
     room = min(room, ROOM_STEP) if whole_room else room
-    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, whole_room)
+    pool = RoomPool(generation_config.max_length)  # rooms at their longest: prompt and every new token
+    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, whole_room, pool)
     if outputs is None:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         # the decoding steps write into room reserved once, instead of copying the cache at every step
-        reserve_cache_room(outputs.get("cache"), room, whole_room)
+        reserve_cache_room(outputs.get("cache"), room, whole_room, pool)
     steps = 0
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # each row's place in the whole batch
     whole = None  # the whole batch's ids, written as rows leave
@@ -559,34 +616,47 @@ def onednn_packs_bf16() -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@contextmanager
-def packed_output_head(model, rows: int):
-    """On a CPU in bf16, run the output head on a weight packed once for oneDNN's matrix product.
+def _packable(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    # a weight that is a view of another's (peft's adapter on tied embeddings) is left as it is: its packed copy
+    # is laid out anew
+    return (type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.is_contiguous() and "forward" not in vars(module))
 
-    The head is most of a small model's decoding step (vocabulary 49,152 against 2 layers in the CPU
-    benchmark); ``F.linear`` re-lays its [vocabulary, hidden] weight out at every call, and a weight packed
-    for oneDNN (the same kernels torch.compile's CPU backend packs for) took 5.4 against 9.8 ms for 64 rows on
-    the 2-core AMX machine, with bit-identical results. Yields whether it packed; anything else (GPU, fp32,
-    an adapter on the head, a torch without oneDNN or a CPU oneDNN has no bf16 kernels for) keeps the head as it is.
+
+@contextmanager
+def packed_linear_weights(model, rows: int):
+    """On a CPU in bf16, run every plain linear layer (the output head, each layer's projections, an adapter's own
+    matrices) on a weight packed once for oneDNN's matrix product. Yields how many it packed.
+
+    ``F.linear`` re-lays a bf16 weight out for oneDNN at every call. For the output head (a small model's largest
+    product) a weight packed once took 5.4 against 9.8 ms for 64 rows on the 2-core AMX machine; for the 210
+    projections of SmolLM2-135M's 30 layers, 76.8 against 94.2 ms at 128 rows and 144.8 against 155.1 ms at 256
+    (2-core AVX-512 EPYC). The results are bit-identical for SmolLM2's products (the same kernels torch.compile's
+    CPU backend packs for); products only 16 to 64 wide (a tiny test model's, an adapter's own) may differ in the
+    last bit of a rare value, as torch runs other kernels for them. The
+    packed copies cost the weights' memory once more while generating. An input in another dtype (fp32 where
+    autocast would cast it) takes ``F.linear`` as before. Anything else (GPU, fp32, a torch without oneDNN or a
+    CPU oneDNN has no bf16 kernels for) is left as it is.
     """
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    usable = (type(head) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-              and onednn_packs_bf16())
-    if not usable:
-        yield False
-        return
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    bias = head.bias
-    previous = vars(head).get("forward")  # normally none: the class's forward
-    head.forward = lambda hidden: torch.ops.mkldnn._linear_pointwise(hidden, packed, bias, "none", [], "")
+    layers = [module for module in model.modules() if _packable(module)] if onednn_packs_bf16() else []
+    for layer in layers:
+        layer.forward = _packed_forward(layer.weight.detach(), layer.bias, rows)
     try:
-        yield True
+        yield len(layers)
     finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
+        for layer in layers:
+            del layer.forward
+
+
+def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dtype != torch.bfloat16:
+            return torch.nn.functional.linear(hidden, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(hidden, packed, bias, "none", [], "")
+    return forward
 
 
 # a generation batch's keys and values at most, where its token budget is left to the model (batch_tokens 0,
@@ -638,7 +708,7 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     by_products = 0  # batches that attended by room products
     synchronize(dev)
     started = time.perf_counter()
-    with (packed_output_head(model, settings.max_batch_size * width) as packed_head,
+    with (packed_linear_weights(model, settings.max_batch_size * width) as packed_layers,
           torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
           attention_kernels(settings.cudnn_attention)):
         for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):
@@ -661,7 +731,7 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
              "decode_attention": ("room products" if by_products == len(batches) else "as loaded" if not by_products
                                   else f"room products in {by_products} of {len(batches)} batches"),
              "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
-             "output_head": "oneDNN packed" if packed_head else "as loaded"}
+             "linear_weights": f"oneDNN packed ({packed_layers} layers)" if packed_layers else "as loaded"}
     return outputs, stats
 
 

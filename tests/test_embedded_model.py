@@ -40,9 +40,9 @@ def test_training_then_generation_stops_at_end_of_turn(tiny_data, tmp_path):
     assert all(p and "user" not in p.split() and "<|im" not in p for p in predictions), predictions
 
 
-def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir, monkeypatch):
-    """On the real weights in bf16, our greedy loop with the packed output head writes exactly what
-    transformers' loop with the head as loaded writes (bf16 near-ties would show here first)."""
+def test_our_greedy_loop_and_packed_weights_keep_the_real_models_outputs(model_dir, monkeypatch):
+    """On the real weights in bf16, our greedy loop with packed linear weights writes exactly what transformers'
+    loop with the weights as loaded writes (bf16 near-ties would show here first)."""
     import contextlib
 
     import torch
@@ -67,15 +67,16 @@ def test_our_greedy_loop_and_packed_head_keep_the_real_models_outputs(model_dir,
 
     @contextlib.contextmanager
     def as_loaded(model, rows):
-        yield False
+        yield 0
 
-    monkeypatch.setattr(generation, "packed_output_head", as_loaded)
+    monkeypatch.setattr(generation, "packed_linear_weights", as_loaded)
     theirs, theirs_stats = run("transformers")
     # the model is held in bf16 only on CPUs with bf16 hardware (AMX, AVX-512 BF16; elsewhere fp32, never packed)
     bf16_held = cpu_has_fast_bf16()
     assert loaded.model.get_output_embeddings().weight.dtype == (torch.bfloat16 if bf16_held else torch.float32)
-    packed = "oneDNN packed" if bf16_held and generation.onednn_packs_bf16() else "as loaded"
-    assert (ours_stats["output_head"], theirs_stats["output_head"]) == (packed, "as loaded")
+    # the head and the 7 projections of each of the 30 layers
+    packed = "oneDNN packed (211 layers)" if bf16_held and generation.onednn_packs_bf16() else "as loaded"
+    assert (ours_stats["linear_weights"], theirs_stats["linear_weights"]) == (packed, "as loaded")
     assert ours == theirs and ours_stats["new_tokens"] == theirs_stats["new_tokens"]
     assert sum(map(len, ours)) > 0
 

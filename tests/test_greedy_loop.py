@@ -1,4 +1,4 @@
-"""Our greedy decoding loop and the packed output head: the same tokens as transformers' own loop, for
+"""Our greedy decoding loop and the packed linear weights: the same tokens as transformers' own loop, for
 every method on every architecture, including rows that stop early; cheaper steps are the only difference."""
 
 import contextlib
@@ -291,13 +291,17 @@ def test_greedy_loop_auto_is_ours_on_a_cpu_and_settings_are_checked(tiny_models)
                  DecodingSettings(greedy_loop="fast"), CPU, show_progress=False)
 
 
+def _plain_linears(model) -> list[torch.nn.Linear]:
+    return [module for module in model.modules() if type(module) is torch.nn.Linear and module.weight.is_contiguous()]
+
+
 @pytest.mark.skipif(not generation.onednn_packs_bf16(), reason="no oneDNN bf16 packing on this torch or CPU")
 @pytest.mark.parametrize("method", ["none", "lora", "prefix_tuning"])
 @pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_packed_output_head_gives_the_same_outputs_in_bf16(tiny_models, method, search, monkeypatch):
+def test_packed_linear_weights_give_the_same_outputs_in_bf16(tiny_models, method, search, monkeypatch):
     loaded = _perturbed(tiny_models["llama"], method)
     loaded.model.to(torch.bfloat16)
-    head = loaded.model.get_output_embeddings()
+    linears = _plain_linears(loaded.model)
     settings = DecodingSettings(search=search, max_new_tokens=10)
 
     def run():
@@ -305,36 +309,47 @@ def test_packed_output_head_gives_the_same_outputs_in_bf16(tiny_models, method, 
                         show_progress=False)
 
     packed_texts, packed_stats = run()
-    assert packed_stats["output_head"] == "oneDNN packed"
-    assert "forward" not in vars(head)  # the head's own forward is back after generating
-    hidden = torch.randn(5, 1, head.in_features, dtype=torch.bfloat16)
-    with generation.packed_output_head(loaded.model, rows=8) as packed:
-        assert packed and torch.equal(head(hidden), torch.nn.functional.linear(hidden, head.weight))
+    # every layer's projections and the head (an adapter's own matrices too): more than one per decoder layer
+    assert packed_stats["linear_weights"] == f"oneDNN packed ({len(linears)} layers)"
+    assert len(linears) > loaded.model.config.num_hidden_layers
+    assert not any("forward" in vars(layer) for layer in linears)  # their own forwards are back afterwards
+    with generation.packed_linear_weights(loaded.model, rows=8) as packed, torch.no_grad():  # as in generation
+        assert packed == len(linears)
+        for layer in linears:
+            for shape in ((5, 1, layer.in_features), (3, layer.in_features)):
+                hidden = torch.randn(*shape, dtype=torch.bfloat16)
+                # products this small (16 to 64 wide) may differ in the last bit, as torch's matrix product runs
+                # other kernels for them; SmolLM2's (576 wide and up) came out bit-identical
+                torch.testing.assert_close(layer(hidden), torch.nn.functional.linear(hidden, layer.weight, layer.bias))
+        # an input in another dtype takes F.linear, as it would without the packing (autocast would cast it)
+        hidden = torch.randn(2, linears[0].in_features)
+        with pytest.raises(RuntimeError, match="dtype"):
+            linears[0](hidden)
 
     @contextlib.contextmanager
     def as_loaded(model, rows):
-        yield False
+        yield 0
 
-    monkeypatch.setattr(generation, "packed_output_head", as_loaded)
+    monkeypatch.setattr(generation, "packed_linear_weights", as_loaded)
     texts, stats = run()
-    assert stats["output_head"] == "as loaded" and texts == packed_texts
+    assert stats["linear_weights"] == "as loaded" and texts == packed_texts
 
 
-def test_output_head_is_not_packed_where_onednn_cannot_pack_bf16(tiny_models, monkeypatch):
-    """An AVX2-only CPU has no oneDNN bf16 packing (the reorder raised there): bf16 generation keeps the head."""
+def test_linear_weights_are_not_packed_where_onednn_cannot_pack_bf16(tiny_models, monkeypatch):
+    """An AVX2-only CPU has no oneDNN bf16 packing (the reorder raised there): bf16 generation keeps the layers."""
     loaded = _perturbed(tiny_models["llama"], "none")
     loaded.model.to(torch.bfloat16)
     monkeypatch.setattr(generation, "onednn_packs_bf16", lambda: False)
     texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:2],
                             DecodingSettings(max_new_tokens=3), CPU, torch.bfloat16, show_progress=False)
-    assert stats["output_head"] == "as loaded" and len(texts) == 2
+    assert stats["linear_weights"] == "as loaded" and len(texts) == 2
 
 
-def test_output_head_is_not_packed_in_fp32(tiny_models):
+def test_linear_weights_are_not_packed_in_fp32(tiny_models):
     loaded = _perturbed(tiny_models["llama"], "none")
     _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, SOURCES[:1],
                         DecodingSettings(max_new_tokens=2), CPU, show_progress=False)
-    assert stats["output_head"] == "as loaded"
+    assert stats["linear_weights"] == "as loaded"
 
 
 class _AttentionModule(torch.nn.Module):  # what transformers' attention functions read from their module
@@ -380,6 +395,48 @@ def test_roomy_layer_with_the_whole_room_reports_and_grows_the_room_for_the_mask
         kv_length, _ = roomy.get_mask_sizes(1)
         keys, _ = roomy.update(*[torch.randn(2, 3, 1, 5, generator=generator) for _ in range(2)])
         assert keys.shape[-2] == kv_length >= roomy.get_seq_length() == 5 + step
+
+
+@pytest.mark.parametrize("whole_room", [True, False])
+def test_a_caches_rooms_pass_their_buffers_on_and_keep_what_concatenation_keeps(whole_room, monkeypatch):
+    """Two layers sharing a pool grow their rooms several times and drop a row: the four buffers they started with
+    and one more are all they use; what they hold is what concatenation holds, rows dropped as index_select drops
+    them, and the room not yet written is zeros though the buffers held other layers' values before."""
+    monkeypatch.setattr(generation, "ROOM_STEP", 2)
+    generator = torch.Generator().manual_seed(0)
+    pool = generation.RoomPool(positions=12)  # each buffer holds a layer's keys or values at their longest
+    firsts = [[torch.randn(3, 2, 4, 5, generator=generator) for _ in range(2)] for _ in range(2)]
+    roomy = [generation.RoomyLayer.after(*first, room=1, whole_room=whole_room, pool=pool) for first in firsts]
+    plain = [generation.DynamicLayer() for _ in firsts]
+    for layer, first in zip(plain, firsts, strict=True):
+        layer.update(*first)
+    buffers = set()
+
+    def check(rows: int) -> None:
+        for ours, theirs in zip(roomy, plain, strict=True):
+            length = theirs.get_seq_length()
+            assert ours.get_seq_length() == length and ours.keys.shape[0] == rows
+            for mine, expected in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                assert torch.equal(mine[..., :length, :], expected)
+                assert not mine[..., length:, :].any()  # the room not yet written (whole room only)
+            buffers.update(room.untyped_storage().data_ptr() for room in (ours._key_room, ours._value_room))
+
+    for step in range(8):
+        if step == 5:  # the second row finished: every layer keeps rows 2 and 0
+            keep = torch.tensor([2, 0])
+            for ours, theirs in zip(roomy, plain, strict=True):
+                ours.reorder_cache(keep)
+                theirs.keys, theirs.values = theirs.keys[keep], theirs.values[keep]
+        rows = 3 if step < 5 else 2
+        roomy[0].get_mask_sizes(1)
+        for ours, theirs in zip(roomy, plain, strict=True):
+            states = [torch.randn(rows, 2, 1, 5, generator=generator) for _ in range(2)]
+            ours.update(*states)
+            theirs.update(*states)
+        check(rows)
+    assert roomy[0].get_seq_length() == 12 and len(buffers) == 5
+    pool.give_back(torch.zeros(3, 2, 12, 5))  # a tensor the pool did not make is never handed on
+    assert pool.spare is None or pool.spare.untyped_storage().data_ptr() in buffers
 
 
 @pytest.mark.parametrize("method", ["none", "lora", "prefix_tuning", "prompt_tuning"])
