@@ -141,9 +141,9 @@ class RoomPool:
 
     A room that grows or drops rows needs a new buffer, which the 30 layers' keys and values all need at the same
     step. Freshly allocated, each of those buffers is fresh memory the kernel has to fault in page by page: for
-    256 rows, zeroing 22 MB took 25 ms per layer (the page faults), against 1.4 ms for the copy that follows
-    (2-core AVX-512 EPYC, profiled), 2.8 s of a 40 s generation. Here the first room that grows takes one new
-    buffer and leaves its own behind for the next, so a batch allocates one buffer more, once.
+    256 rows, zeroing 22 MB took 25 ms per buffer (the page faults), against 1.4 ms for the copy that follows:
+    2.6 of 47 s of op time in a 256-row batch (2-core AVX-512 EPYC, profiled). Here the first room that grows
+    takes one new buffer and leaves its own behind for the next, so a batch allocates one buffer more, once.
     """
 
     def __init__(self, positions: int = 0):  # 0: as many as each room needs
