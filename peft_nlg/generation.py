@@ -618,8 +618,7 @@ def onednn_packs_bf16() -> bool:
 
 def _packable(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    # a weight that is a view of another's (peft's adapter on tied embeddings) is left as it is: its packed copy
-    # is laid out anew
+    # contiguous weights only: a view of another's weight (peft's adapter on tied embeddings) is small and stays
     return (type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
             and weight.is_contiguous() and "forward" not in vars(module))
 
@@ -634,9 +633,9 @@ def packed_linear_weights(model, rows: int):
     projections of SmolLM2-135M's 30 layers, 76.8 against 94.2 ms at 128 rows and 144.8 against 155.1 ms at 256
     (2-core AVX-512 EPYC). The results are bit-identical for SmolLM2's products (the same kernels torch.compile's
     CPU backend packs for); products only 16 to 64 wide (a tiny test model's, an adapter's own) may differ in the
-    last bit of a rare value, as torch runs other kernels for them. The
-    packed copies cost the weights' memory once more while generating. An input in another dtype (fp32 where
-    autocast would cast it) takes ``F.linear`` as before. Anything else (GPU, fp32, a torch without oneDNN or a
+    last bit of a rare value, as torch runs other kernels for them. The packed copies cost the weights' memory
+    once more while generating. An input in another dtype (fp32 where autocast would cast it) takes ``F.linear``
+    as before. Anything else (GPU, fp32, a torch without oneDNN or a
     CPU oneDNN has no bf16 kernels for) is left as it is.
     """
     layers = [module for module in model.modules() if _packable(module)] if onednn_packs_bf16() else []
