@@ -184,12 +184,12 @@ class RoomyLayer(DynamicLayer):
     New rooms (to grow, or to keep fewer rows) come from ``pool``, shared by a cache's layers.
     """
 
-    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int, whole_room: bool = False,
-                 pool: RoomPool | None = None):
+    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int, pool: RoomPool,
+                 whole_room: bool = False):
         super().__init__()
         self.device, self.is_initialized, self.length = key_room.device, True, length
         self._key_room, self._value_room, self.whole_room = key_room, value_room, whole_room
-        self.pool = pool or RoomPool()
+        self.pool = pool
         self._expose()
 
     @classmethod
@@ -197,8 +197,8 @@ class RoomyLayer(DynamicLayer):
               pool: RoomPool | None = None) -> RoomyLayer:
         """The layer holding ``keys`` and ``values`` with room for ``room`` more positions."""
         pool, length = pool or RoomPool(), keys.shape[-2]
-        return cls(_with_room(keys, length, room, pool), _with_room(values, length, room, pool), length, whole_room,
-                   pool)
+        return cls(_with_room(keys, length, room, pool), _with_room(values, length, room, pool), length, pool,
+                   whole_room)
 
     def _expose(self) -> None:
         end = None if self.whole_room else self.length
@@ -259,7 +259,7 @@ def _with_room(states: torch.Tensor, length: int, room: int, pool: RoomPool) -> 
     return buffer
 
 
-def reserve_cache_room(cache, room: int, whole_room: bool = False, pool: RoomPool | None = None) -> None:
+def reserve_cache_room(cache, room: int, pool: RoomPool, whole_room: bool = False) -> None:
     """Give every plain dynamic self-attention layer of ``cache`` room for ``room`` more positions, rooms from
     ``pool`` (one for all layers).
 
@@ -270,7 +270,6 @@ def reserve_cache_room(cache, room: int, whole_room: bool = False, pool: RoomPoo
         cache = cache.self_attention_cache
     if not isinstance(cache, DynamicCache):
         return
-    pool = pool or RoomPool()
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
             cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room, whole_room, pool)
@@ -305,7 +304,7 @@ def shared_prefix_length(input_ids: torch.LongTensor, lengths: torch.LongTensor)
 
 
 def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, room: int,
-                      whole_room: bool = False, pool: RoomPool | None = None):
+                      pool: RoomPool, whole_room: bool = False):
     """The prefill of a left-padded decoder-only batch, run in groups of rows of similar length, with the
     prompts' common beginning computed once.
 
@@ -335,7 +334,7 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     columns = torch.arange(width, device=mask.device)
     if not torch.equal(mask.bool(), columns[None, :] >= width - lengths[:, None]):
         return None  # not every row is one block of real tokens at the right end
-    batch, pool = input_ids.shape[0], pool or RoomPool()
+    batch = input_ids.shape[0]
 
     def whole_batch(states: torch.Tensor, capacity: int) -> torch.Tensor:
         # zeros: a masked position must not hold what could turn into NaN in attention
@@ -382,7 +381,7 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
             for states_room, states in zip(layer_rooms, layer_states, strict=True):
                 # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
                 states_room[every_row, :, prefix_columns] = states[0].transpose(0, 1)
-    cache.layers = [RoomyLayer(key_room, value_room, width, whole_room, pool) for key_room, value_room in rooms]
+    cache.layers = [RoomyLayer(key_room, value_room, width, pool, whole_room) for key_room, value_room in rooms]
     outputs["logits"], outputs["cache"] = logits, cache
     return outputs
 
@@ -505,11 +504,11 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     room = generation_config.max_length - input_ids.shape[1]
     room = min(room, ROOM_STEP) if whole_room else room
     pool = RoomPool(generation_config.max_length)  # rooms at their longest: prompt and every new token
-    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, whole_room, pool)
+    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, pool, whole_room)
     if outputs is None:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         # the decoding steps write into room reserved once, instead of copying the cache at every step
-        reserve_cache_room(outputs.get("cache"), room, whole_room, pool)
+        reserve_cache_room(outputs.get("cache"), room, pool, whole_room)
     steps = 0
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # each row's place in the whole batch
     whole = None  # the whole batch's ids, written as rows leave
