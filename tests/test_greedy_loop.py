@@ -219,7 +219,7 @@ def test_finished_rows_leave_the_batch_and_the_tokens_stay_transformers(tiny_mod
     """With finished rows dropped from the batch as soon as any row finishes, our loop writes transformers'
     token ids, padding after each row's end included, while its steps run on fewer and fewer rows."""
     loaded = _perturbed(tiny_models[arch], method)
-    monkeypatch.setattr(generation, "DROP_FINISHED_BELOW", 1.0)
+    monkeypatch.setattr(generation, "DROP_FINISHED_SHARE", 0.0)
     sequences, rows_seen, own_generate = {}, {}, loaded.model.generate
 
     def recording_generate(*args, **kwargs):
@@ -395,6 +395,40 @@ def test_roomy_layer_with_the_whole_room_reports_and_grows_the_room_for_the_mask
         kv_length, _ = roomy.get_mask_sizes(1)
         keys, _ = roomy.update(*[torch.randn(2, 3, 1, 5, generator=generator) for _ in range(2)])
         assert keys.shape[-2] == kv_length >= roomy.get_seq_length() == 5 + step
+
+
+def test_rows_kept_in_place_fill_finished_rows_places_from_the_end():
+    unfinished = torch.tensor([True, False, True, False, True, True, False, True])
+    assert generation.rows_kept_in_place(unfinished).tolist() == [0, 5, 2, 7, 4]
+    assert generation.rows_kept_in_place(torch.tensor([True, True, False])).tolist() == [0, 1]
+    assert generation.rows_kept_in_place(torch.tensor([False, True])).tolist() == [1]
+    assert generation.rows_kept_in_place(torch.tensor([False, False])).tolist() == []
+
+
+@pytest.mark.parametrize("whole_room", [True, False])
+def test_a_row_drop_in_place_moves_only_the_rows_it_must_and_keeps_what_index_select_keeps(whole_room):
+    """Dropping finished rows in the order rows_kept_in_place gives copies only the rows that fill their places,
+    in the rooms' own buffers (no new one from the pool); the cache then holds what index_select keeps, and
+    grows and takes new positions as before. Any other order (a beam search's) still takes new buffers."""
+    generator = torch.Generator().manual_seed(0)
+    pool = generation.RoomPool(positions=8)
+    keys, values = (torch.randn(5, 2, 4, 3, generator=generator) for _ in range(2))
+    roomy = generation.RoomyLayer.after(keys, values, room=2, whole_room=whole_room, pool=pool)
+    buffers = {roomy._key_room.untyped_storage().data_ptr(), roomy._value_room.untyped_storage().data_ptr()}
+    keep = generation.rows_kept_in_place(torch.tensor([False, True, True, False, True]))
+    assert keep.tolist() == [4, 1, 2]
+    roomy.reorder_cache(keep)
+    assert {roomy._key_room.untyped_storage().data_ptr(), roomy._value_room.untyped_storage().data_ptr()} == buffers
+    assert torch.equal(roomy.keys[..., :4, :], keys[keep]) and torch.equal(roomy.values[..., :4, :], values[keep])
+    assert roomy.keys.shape[0] == 3 and not roomy.keys[..., 4:, :].any()
+    new_keys, new_values = (torch.randn(3, 2, 3, 3, generator=generator) for _ in range(2))
+    roomy.update(new_keys, new_values)  # past the room: it grows, from the rows kept
+    assert torch.equal(roomy.keys[..., :7, :], torch.cat([keys[keep], new_keys], dim=2))
+    assert torch.equal(roomy.values[..., :7, :], torch.cat([values[keep], new_values], dim=2))
+    before = roomy._key_room.untyped_storage().data_ptr()
+    roomy.reorder_cache(torch.tensor([2, 0]))  # row 2 moves to row 0's place before row 0 is read: a new buffer
+    assert roomy._key_room.untyped_storage().data_ptr() != before
+    assert torch.equal(roomy.keys[..., :7, :], torch.cat([keys[keep], new_keys], dim=2)[[2, 0]])
 
 
 @pytest.mark.parametrize("whole_room", [True, False])
