@@ -434,7 +434,7 @@ def room_products_attention(module, query: torch.Tensor, key: torch.Tensor, valu
         # took 0.20 ms, the addition 0.06 (256 rows, 215 positions, 2-core CPU)
         attention_mask = attention_mask.new_zeros(attention_mask.shape, dtype=scores.dtype).masked_fill_(
             ~attention_mask, float("-inf"))
-    scores = scores.view(rows, kv_heads, group, positions) + attention_mask  # a float mask: in its dtype (fp32)
+    scores = scores.view(rows, kv_heads, group, positions) + attention_mask  # in the wider of the two dtypes
     weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype).view(rows * kv_heads, group, positions)
     output = torch.bmm(weights, value.reshape(rows * kv_heads, positions, dim))
     return output.view(rows, 1, heads, dim), None

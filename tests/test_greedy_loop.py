@@ -426,7 +426,7 @@ def test_a_row_drop_in_place_moves_only_the_rows_it_must_and_keeps_what_index_se
     assert torch.equal(roomy.keys[..., :7, :], torch.cat([keys[keep], new_keys], dim=2))
     assert torch.equal(roomy.values[..., :7, :], torch.cat([values[keep], new_values], dim=2))
     before = roomy._key_room.untyped_storage().data_ptr()
-    roomy.reorder_cache(torch.tensor([2, 0]))  # row 2 moves to row 0's place before row 0 is read: a new buffer
+    roomy.reorder_cache(torch.tensor([2, 0]))  # in place, row 2 would overwrite row 0 before it is read: new buffers
     assert roomy._key_room.untyped_storage().data_ptr() != before
     assert torch.equal(roomy.keys[..., :7, :], torch.cat([keys[keep], new_keys], dim=2)[[2, 0]])
 
