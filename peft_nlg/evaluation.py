@@ -86,7 +86,7 @@ def search_decoding(config: RunConfig, loaded: Loaded, dev, dtype) -> dict:
             "chosen": tried[best]["decoding"], "chosen_name": tried[best]["name"]}
 
 
-def _load(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object, object]:
+def load_for_generation(config: RunConfig, zero_shot: bool) -> tuple[RunConfig, Loaded, object, object]:
     import torch
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -107,7 +107,7 @@ def scored_examples(config: RunConfig) -> tuple[Path, list[dict]]:
 
 def test(config: RunConfig, zero_shot: bool = False) -> dict:
     """Generate for the test split (or --test-file), score it, write predictions and a record."""
-    config, loaded, dev, dtype = _load(config, zero_shot)
+    config, loaded, dev, dtype = load_for_generation(config, zero_shot)
     out, decoding_search = config.out, None
     if config.search == AUTO:
         if (out / SEARCH_FILE).exists() and not config.overwrite:
@@ -164,7 +164,7 @@ def test(config: RunConfig, zero_shot: bool = False) -> dict:
 
 def inference(config: RunConfig, stdin=sys.stdin, stdout=sys.stdout) -> None:
     """Interactive prompt on the trained model; with piped input, one output line per input line."""
-    config, loaded, dev, dtype = _load(config, zero_shot=False)
+    config, loaded, dev, dtype = load_for_generation(config, zero_shot=False)
     if config.search == AUTO:
         chosen = config.out / SEARCH_FILE
         if not chosen.is_file():

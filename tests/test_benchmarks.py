@@ -198,3 +198,20 @@ def test_a_profiled_run_leaves_its_op_table_beside_the_results(tiny_models, tiny
     assert first_line.startswith("2 steps in ") and table.splitlines()[0] == first_line
     assert "aten::mm" in table or "aten::addmm" in table  # the op table itself, not only the summary
     assert not (tmp_path / "timed").exists()  # the timed run's directory is not touched
+
+
+def test_the_generation_profile_splits_prefill_from_decoding_and_keeps_earlier_output(tiny_models, tiny_data,
+                                                                                       tmp_path):
+    profiler = _benchmark_module("profile_generation")
+    out = tmp_path / "profile.json"
+    argv = ["--task", "dialogue", "--model", str(tiny_models["llama"]), "--data-dir", str(tiny_data),
+            "--prompts", "2", "--max-new-tokens", "6", "--out", str(out)]
+    assert profiler.main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["prompts"] == 2 and summary["generation"]["new_tokens"] > 0
+    assert summary["decoding_steps_s"] == pytest.approx(summary["whole_s"] - summary["prefill_s"], abs=2e-3)
+    assert summary["top_ops_self_cpu_ms"] and all(ms >= 0 for ms in summary["top_ops_self_cpu_ms"].values())
+    tables = (tmp_path / "profile.txt").read_text()
+    assert "## by op and input shapes" in tables and "linear" in tables
+    before = out.read_text()
+    assert profiler.main(argv) == 2 and out.read_text() == before  # never overwritten
