@@ -31,7 +31,7 @@ from peft_nlg.data.io import atomic_write_text, read_pairs, write_json
 from peft_nlg.evaluation import decoding, load_for_generation
 from peft_nlg.generation import generate
 from peft_nlg.models import EMBEDDED_MODEL
-from peft_nlg.runtime import hardware, package_versions, synchronize
+from peft_nlg.runtime import hardware, package_versions
 from peft_nlg.training import split_path
 
 
@@ -48,12 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--table", help="op tables (default: the JSON's name with .txt)")
     return ap.parse_args(argv)
-
-
-def timed(run) -> tuple[float, dict]:
-    started = time.perf_counter()
-    stats = run()
-    return time.perf_counter() - started, stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,18 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     sources = [example["src"] for example in read_pairs(split_path(config, "test"))[: args.prompts]]
     settings = decoding(config, dev.type == "cuda")
 
-    def run(limit: int) -> dict:
-        _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
-                            dataclasses.replace(settings, max_new_tokens=limit), dev, dtype, show_progress=False)
-        synchronize(dev)
-        return stats
+    def run(limit: int) -> dict:  # its statistics, generate_seconds timed by generate itself (synchronized)
+        return generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
+                        dataclasses.replace(settings, max_new_tokens=limit), dev, dtype, show_progress=False)[1]
 
     run(1)  # kernels, allocator and packed weights' first use, outside the timings
-    whole_s, whole = timed(lambda: run(settings.max_new_tokens))
-    prefill_s, _ = timed(lambda: run(1))
+    whole = run(settings.max_new_tokens)
+    whole_s, prefill_s = whole["generate_seconds"], run(1)["generate_seconds"]
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if dev.type == "cuda" else [])],
                  record_shapes=True) as profiler:
-        profiled_s, _ = timed(lambda: run(settings.max_new_tokens))
+        profiled_s = run(settings.max_new_tokens)["generate_seconds"]
     sort_by = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     by_op = profiler.key_averages()
     machine = hardware(dev)
