@@ -143,7 +143,7 @@ def main() -> int:
                          "when folding keeps the adapter's update)")
     ap.add_argument("--also-greedy-loop", choices=["ours", "transformers"],
                     help="also time greedy generation with this loop (JSON: ours_gen_greedy_<loop>_loop)")
-    ap.add_argument("--also-decode-attention", choices=["products", "sdpa"],
+    ap.add_argument("--also-decode-attention", choices=["kernel", "products", "sdpa"],
                     help="also time greedy generation with this decoding-step attention "
                          "(JSON: ours_gen_greedy_<attention>_attention)")
     ap.add_argument("--quality-prompts", type=int, default=0,

@@ -110,10 +110,11 @@ class RunConfig:
                 "once for all its beams) or transformers'; auto: ours on a CPU, where it was measured",
         "choices": ("auto", "ours", "transformers")})
     decode_attention: str = field(default="auto", metadata={
-        "help": "attention of each decoding step: products (two batched products over the cache, scores rounded "
-                "to the compute dtype as in eager attention; faster on a CPU) or sdpa (torch's kernel, fp32 scores); "
-                "auto: products where our greedy loop runs on a CPU, in batches of 128 rows or more",
-        "choices": ("auto", "products", "sdpa")})
+        "help": "attention of each decoding step where our greedy loop runs on a CPU: kernel (ours, in C, built on "
+                "first use; bf16 on CPUs with AVX512-BF16; fp32 scores as SDPA's), products (two batched products "
+                "over the cache, scores rounded to the compute dtype as in eager attention) or sdpa (torch's kernel, "
+                "fp32 scores); auto: the kernel where it runs, else products in batches of 128 rows or more",
+        "choices": ("auto", "kernel", "products", "sdpa")})
     merge_adapter: str = field(default="auto", metadata={
         "help": "test and inference: fold a LoRA or IA3 adapter into the base weights (the same function, one "
                 "product per layer instead of two paths, faster); auto: when the folded weights keep the adapter's "

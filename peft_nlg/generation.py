@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import ModelOutput
 
+from peft_nlg import cpu_kernels
 from peft_nlg.batching import collate, token_budget_batches
 from peft_nlg.formatting import Prompter
 from peft_nlg.runtime import attention_kernel_names, attention_kernels, synchronize
@@ -34,8 +36,9 @@ class DecodingSettings:
     seed: int = 0             # sampling only: the same seed gives the same outputs on the same machine
     cudnn_attention: bool = False  # see runtime.attention_kernels: each decode step is a new shape
     greedy_loop: str = "auto"  # auto: ours (greedy_decoding) on a CPU, transformers' elsewhere; ours; transformers
-    # decoding steps' attention: auto: room_products_attention where our loop runs on a CPU, in batches of at
-    # least ROOM_PRODUCTS_MIN_ROWS rows; products; sdpa
+    # decoding steps' attention where our loop runs on a CPU: auto: room_kernel_attention in bf16 where the
+    # kernel runs, else room_products_attention in batches of at least ROOM_PRODUCTS_MIN_ROWS rows; kernel;
+    # products; sdpa (the model's own)
     decode_attention: str = "auto"
 
     def generate_kwargs(self) -> dict:
@@ -124,9 +127,10 @@ STOP_CHECK_EVERY = {"cpu": 1}
 _MASKING_ONLY = (NeverEmit, NoRepeatInOutput, MinNewTokensLengthLogitsProcessor)
 
 
-# auto attends by room products in batches of at least this many rows: they were faster than SDPA in batches of
-# 128 and 256 dialogue prompts (1.07-1.21x, 2-core AVX-512 CPU) and slower in one of 40 translation prompts
-# (100-106 against 114-124 new tokens/s); between the two it is unmeasured
+# where the kernel cannot run, auto attends by room products in batches of at least this many rows: they were
+# faster than SDPA in batches of 128 and 256 dialogue prompts (1.07-1.21x, 2-core AVX-512 CPU) and slower in one
+# of 40 translation prompts (100-106 against 114-124 new tokens/s); between the two it is unmeasured. The kernel
+# was faster than both at every size measured, from 1 row to 256 (2026-12-07, 38th session)
 ROOM_PRODUCTS_MIN_ROWS = 128
 
 # positions a whole-room cache layer grows by: each position of room costs every step's attention as much as a
@@ -456,26 +460,67 @@ def _mask_for_room_products(*args, **kwargs):
 AttentionInterface.register(ROOM_PRODUCTS, room_products_attention)
 AttentionMaskInterface.register(ROOM_PRODUCTS, _mask_for_room_products)
 
+# the attention our decoding runs on a CPU with AVX512-BF16 in bf16 (see room_kernel_attention)
+ROOM_KERNEL = "peft_nlg_room_kernel"
 
-def attends_by_room_products(model) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == ROOM_PRODUCTS
+
+def room_kernel_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """A decoding step's attention by our CPU kernel (``cpu_kernels.decode_attention``): per row and key/value
+    head, the scores of its query heads, their softmax and the weighted values in one pass over the cache room,
+    reading each position's keys and values once and skipping masked ones. torch's two batched products read them
+    at about a fifth of the memory's speed (oneDNN's overhead per small product) and SDPA's CPU kernel slower
+    still. Precision as SDPA's CPU flash attention: fp32 scores and softmax, weights rounded to bf16, fp32 sums.
+    What the kernel does not take (a prefill, fp32, soft-capping, ...) goes to ``room_products_attention``."""
+    plain = (query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool
+             and not dropout
+             and all(kwargs.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias")))
+    if plain:
+        rows, positions = query.shape[0], key.shape[2]
+        keep = attention_mask.expand(rows, 1, 1, positions).reshape(rows, positions) \
+            if attention_mask.shape[1:3] == (1, 1) else None
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        output = None if keep is None else cpu_kernels.decode_attention(query, key, value, keep, scale)
+        if output is not None:
+            return output, None
+    return room_products_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   **kwargs)
+
+
+def _mask_for_room_kernel(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False  # as for room products: the unwritten positions must be masked
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ROOM_KERNEL, room_kernel_attention)
+AttentionMaskInterface.register(ROOM_KERNEL, _mask_for_room_kernel)
+
+# how statistics name each decoding attention
+ATTENTION_NAMES = {ROOM_KERNEL: "room kernel", ROOM_PRODUCTS: "room products", None: "as loaded"}
+
+
+def attends_over_whole_room(model) -> bool:
+    """Whether the model attends by a function that reads a cache layer's whole room (RoomyLayer's whole_room)."""
+    return getattr(model.config, "_attn_implementation", None) in (ROOM_PRODUCTS, ROOM_KERNEL)
 
 
 @contextmanager
-def decoding_attention(model, use_room_products: bool):
-    """Within: the model attends with ``room_products_attention`` where asked, if it attends by SDPA and takes a
-    registered attention function; afterwards, as before. Yields whether it switched."""
+def decoding_attention(model, implementation: str | None):
+    """Within: the model attends with ``implementation`` (ROOM_KERNEL, ROOM_PRODUCTS) where asked, if it attends
+    by SDPA and takes a registered attention function; afterwards, as before. Yields what it attends with (None:
+    as loaded)."""
     previous = getattr(model.config, "_attn_implementation", None)
-    if not use_room_products or previous != "sdpa":
-        yield False
+    if implementation is None or previous != "sdpa":
+        yield None
         return
     try:
-        model.set_attn_implementation(ROOM_PRODUCTS)
+        model.set_attn_implementation(implementation)
     except (ValueError, ImportError):
-        yield False
+        yield None
         return
     try:
-        yield True
+        yield implementation
     finally:
         model.set_attn_implementation(previous)
 
@@ -528,7 +573,7 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     keep_dtype = all(isinstance(p, _MASKING_ONLY) for p in logits_processor)
     check_every = STOP_CHECK_EVERY.get(input_ids.device.type, 8)
     is_encoder_decoder = model.config.is_encoder_decoder
-    whole_room = attends_by_room_products(model)
+    whole_room = attends_over_whole_room(model)
     # room for every new token, once; attended over whole, room grows as it fills (a task's limit, e.g. 128
     # new tokens, is often several times what a batch writes)
     room = generation_config.max_length - input_ids.shape[1]
@@ -730,20 +775,17 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     # our decoding code where it was measured faster (the CPU); transformers' own elsewhere until measured there
     ours_for_search = OUR_DECODING.get(settings.search) if ours else None
     loop = {"custom_generate": ours_for_search[0]} if ours_for_search else {}
-    if settings.decode_attention not in ("auto", "products", "sdpa"):
-        raise ValueError(f"decode_attention must be auto, products or sdpa, not '{settings.decode_attention}'")
-    auto_products = settings.decode_attention == "auto" and ours_for_search is not None and dev.type == "cpu"
-    by_products = 0  # batches that attended by room products
+    pick_attention = decoding_attention_for(settings.decode_attention, ours_for_search is not None, dev, dtype,
+                                            model.config)
+    attended = Counter()  # batches by the attention they decoded with
     synchronize(dev)
     started = time.perf_counter()
     with (packed_linear_weights(model, settings.max_batch_size * width) as packed_layers,
           torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
           attention_kernels(settings.cudnn_attention)):
         for indices in tqdm(batches, desc="generate", disable=not show_progress, dynamic_ncols=True):
-            room_products = settings.decode_attention == "products" or (
-                auto_products and len(indices) >= ROOM_PRODUCTS_MIN_ROWS)
-            with decoding_attention(model, room_products) as switched:
-                by_products += switched
+            with decoding_attention(model, pick_attention(len(indices))) as implementation:
+                attended[ATTENTION_NAMES[implementation]] += 1
                 generated = _generate_batch(model, [prompts[i] for i in indices], settings, prompter, pad, eos,
                                             dev, loop)
             for row, index in zip(generated.tolist(), indices, strict=True):
@@ -756,11 +798,32 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
              "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
              "batch_tokens": batch_tokens,
              "attention_kernels": attention_kernel_names(settings.cudnn_attention),
-             "decode_attention": ("room products" if by_products == len(batches) else "as loaded" if not by_products
-                                  else f"room products in {by_products} of {len(batches)} batches"),
+             "decode_attention": (next(iter(attended)) if len(attended) == 1 else ", ".join(
+                 f"{name} in {count} of {len(batches)} batches" for name, count in attended.most_common())),
              "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
              "linear_weights": f"oneDNN packed ({packed_layers} layers)" if packed_layers else "as loaded"}
     return outputs, stats
+
+
+def decoding_attention_for(setting: str, ours: bool, dev: torch.device, dtype: torch.dtype, model_config):
+    """The decoding attention (ROOM_KERNEL, ROOM_PRODUCTS or None: the model's own) for a batch of so many rows,
+    as a function of the rows, for the ``decode_attention`` setting; ``ours``: our decoding loop runs."""
+    if setting not in ("auto", "kernel", "products", "sdpa"):
+        raise ValueError(f"decode_attention must be auto, kernel, products or sdpa, not '{setting}'")
+    if setting == "products":
+        return lambda rows: ROOM_PRODUCTS
+    if setting == "sdpa" or (setting == "auto" and (not ours or dev.type != "cpu")):
+        return lambda rows: None
+    why_not = (f"it runs in bf16 on a CPU, not in {str(dtype).removeprefix('torch.')} on {dev.type}"
+               if dev.type != "cpu" or dtype != torch.bfloat16
+               else cpu_kernels.decode_attention_misfit(model_config) or cpu_kernels.decode_attention_unavailable())
+    if setting == "kernel":
+        if why_not:
+            raise ValueError(f"decode_attention kernel: {why_not}")
+        return lambda rows: ROOM_KERNEL
+    if not why_not:
+        return lambda rows: ROOM_KERNEL
+    return lambda rows: ROOM_PRODUCTS if rows >= ROOM_PRODUCTS_MIN_ROWS else None
 
 
 def _generate_batch(model, prompts: list[dict], settings: DecodingSettings, prompter: Prompter, pad: int, eos: int,

@@ -59,13 +59,15 @@ def make_tokenizer(decoder_only: bool) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_model(arch: str, vocab_size: int, layers: int = 2) -> torch.nn.Module:
+def make_model(arch: str, vocab_size: int, layers: int = 2, head_dim: int | None = None) -> torch.nn.Module:
+    """``head_dim`` (llama only): heads this wide instead of hidden_size / heads (8), as kernels that take only
+    some widths need."""
     common_s2s = dict(vocab_size=vocab_size, pad_token_id=PAD, eos_token_id=EOS_S2S, decoder_start_token_id=PAD)
     if arch == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              bos_token_id=IM_START, eos_token_id=IM_END, pad_token_id=ENDOFTEXT,
-                             tie_word_embeddings=True, initializer_range=0.2)
+                             tie_word_embeddings=True, initializer_range=0.2, head_dim=head_dim)
         return LlamaForCausalLM(config)
     if arch == "t5":
         config = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=layers, num_heads=4, dropout_rate=0.0, **common_s2s,
@@ -82,10 +84,10 @@ def make_model(arch: str, vocab_size: int, layers: int = 2) -> torch.nn.Module:
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, directory: Path, seed: int = 0, layers: int = 2) -> Path:
+def save_tiny_model(arch: str, directory: Path, seed: int = 0, layers: int = 2, head_dim: int | None = None) -> Path:
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(decoder_only=arch == "llama")
-    model = make_model(arch, len(tokenizer), layers)
+    model = make_model(arch, len(tokenizer), layers, head_dim)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         decoder_start_token_id=None if arch == "llama" else PAD)
