@@ -462,6 +462,7 @@ AttentionMaskInterface.register(ROOM_PRODUCTS, _mask_for_room_products)
 
 # the attention our decoding runs on a CPU with AVX512-BF16 in bf16 (see room_kernel_attention)
 ROOM_KERNEL = "peft_nlg_room_kernel"
+KERNEL_DECLINED = [0]  # decoding steps' layers that room_kernel_attention passed to the products, ever
 
 
 def room_kernel_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -484,6 +485,7 @@ def room_kernel_attention(module, query: torch.Tensor, key: torch.Tensor, value:
         output = None if keep is None else cpu_kernels.decode_attention(query, key, value, keep, scale)
         if output is not None:
             return output, None
+        KERNEL_DECLINED[0] += 1  # a decoding step's layer the kernel would not take: counted for the statistics
     return room_products_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    **kwargs)
 
@@ -778,6 +780,7 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
     pick_attention = decoding_attention_for(settings.decode_attention, ours_for_search is not None, dev, dtype,
                                             model.config)
     attended = Counter()  # batches by the attention they decoded with
+    declined_before = KERNEL_DECLINED[0]
     synchronize(dev)
     started = time.perf_counter()
     with (packed_linear_weights(model, settings.max_batch_size * width) as packed_layers,
@@ -794,12 +797,15 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
                 outputs[index] = tokenizer.decode(kept, skip_special_tokens=True).strip()
     synchronize(dev)
     seconds = time.perf_counter() - started
+    if KERNEL_DECLINED[0] > declined_before:  # say so: these steps ran at the products' speed
+        attended[f"room products for {KERNEL_DECLINED[0] - declined_before} layer steps the kernel declined"] = 0
     stats = {"generate_seconds": round(seconds, 3), "new_tokens": new_tokens,
              "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
              "batch_tokens": batch_tokens,
              "attention_kernels": attention_kernel_names(settings.cudnn_attention),
              "decode_attention": (next(iter(attended)) if len(attended) == 1 else ", ".join(
-                 f"{name} in {count} of {len(batches)} batches" for name, count in attended.most_common())),
+                 f"{name} in {count} of {len(batches)} batches" if count else name
+                 for name, count in attended.most_common())),
              "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
              "linear_weights": f"oneDNN packed ({packed_layers} layers)" if packed_layers else "as loaded"}
     return outputs, stats

@@ -216,3 +216,23 @@ def test_the_generation_profile_splits_prefill_from_decoding_and_keeps_earlier_o
     assert "## by op and input shapes" in tables and "linear" in tables
     before = out.read_text()
     assert profiler.main(argv) == 2 and out.read_text() == before  # never overwritten
+
+
+def test_decode_attention_benchmark_times_every_way_and_checks_each_against_fp32(tmp_path, capsys):
+    from peft_nlg import cpu_kernels
+
+    bench = _benchmark_module("decode_attention")
+    out = tmp_path / "attention.json"
+    argv = ["--rows", "1", "5", "--positions", "40", "--layers", "2", "--repeats", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    summary = json.loads(out.read_text())
+    expected_ways = ["products", "sdpa"] if cpu_kernels.decode_attention_unavailable() else \
+        ["kernel", "products", "sdpa"]
+    assert [row["rows"] for row in summary["results"]] == [1, 5]
+    for row in summary["results"]:
+        assert list(row["ways"]) == expected_ways
+        for way in row["ways"].values():
+            assert 0 < way["ms_per_layer_best"] <= way["ms_per_layer_median"]
+            assert way["max_abs_diff_from_fp32"] < 0.05  # bf16 attention, not something else
+    assert "| 5 |" in capsys.readouterr().out
+    assert bench.main(argv) == 2  # never overwrites
