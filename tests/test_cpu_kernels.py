@@ -60,11 +60,12 @@ def test_decode_attention_kernel_is_sdpa_to_bf16_precision(rows, kv_heads, group
     torch.testing.assert_close(ours.float(), expected, atol=2e-2, rtol=2e-2)
     if rows > 2:
         assert not ours[2].any()  # nothing attended: zeros, not NaN
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same numbers (each row's sums do not depend on the split)
     try:
         assert torch.equal(cpu_kernels.decode_attention(query, keys, values, keep, 0.3), ours)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
 
 
 def test_decode_attention_kernel_declines_what_it_does_not_take():
