@@ -797,15 +797,16 @@ def generate(model, tokenizer, prompter: Prompter, sources: list[str], settings:
                 outputs[index] = tokenizer.decode(kept, skip_special_tokens=True).strip()
     synchronize(dev)
     seconds = time.perf_counter() - started
-    if KERNEL_DECLINED[0] > declined_before:  # say so: these steps ran at the products' speed
-        attended[f"room products for {KERNEL_DECLINED[0] - declined_before} layer steps the kernel declined"] = 0
+    declined = KERNEL_DECLINED[0] - declined_before
+    described = [name if len(attended) == 1 and not declined else f"{name} in {count} of {len(batches)} batches"
+                 for name, count in attended.most_common()]
+    if declined:  # say so: these steps ran at the products' speed
+        described.append(f"room products for {declined} layer steps the kernel declined")
     stats = {"generate_seconds": round(seconds, 3), "new_tokens": new_tokens,
              "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "batches": len(batches),
              "batch_tokens": batch_tokens,
              "attention_kernels": attention_kernel_names(settings.cudnn_attention),
-             "decode_attention": (next(iter(attended)) if len(attended) == 1 else ", ".join(
-                 f"{name} in {count} of {len(batches)} batches" if count else name
-                 for name, count in attended.most_common())),
+             "decode_attention": ", ".join(described),
              "decoding_loop": ours_for_search[1] if ours_for_search else "transformers",
              "linear_weights": f"oneDNN packed ({packed_layers} layers)" if packed_layers else "as loaded"}
     return outputs, stats

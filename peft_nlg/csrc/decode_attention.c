@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) void attend(const uint16_t *q, cons
         head_scores(q + h * dim, k, keep, room, dim, scaling, scores);
         softmax_pairs(scores, room, pairs + h * pair_stride);
     }
-    const int64_t together = dim <= 32 ? 4 : dim <= 64 ? 4 : 2;  /* accumulators: together * dim / 16 <= 16 */
+    const int64_t together = dim <= 64 ? 4 : 2;  /* accumulators: together * dim / 16 <= 16 */
     for (int64_t h = 0; h < group; h += together) {
         const uint32_t *p = pairs + h * pair_stride;
         switch (group - h < together ? group - h : together) {  /* constant head counts: unrolled loops */
