@@ -18,7 +18,10 @@ Per method, generation first (timed before any training in the process, see benc
               with the dialogue metrics (with --init-dir holding real weights, e.g. the embedded model,
               this is the "same quality" check on text; from a random initialisation both score near zero);
               with real weights both recipes also train with other seeds (--quality-seeds), so the table shows
-              how far one run's validation loss and scores move by chance, the recipe's and ours side by side
+              how far one run's validation loss and scores move by chance, the recipe's and ours side by side;
+              for P-tuning, prompt and prefix tuning the recipe's weights are decoded twice: by its generate as
+              written (peft's own prompt injection) and with our generation mends, which our weights get too
+              (``MENDED_SCORES``); --recipe-quality-only runs this part alone
 
 Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
 something with the device named in the JSON. For generation timed in a fresh process, measure one method per
@@ -54,7 +57,7 @@ from peft_nlg.data.io import read_pairs, write_json
 from peft_nlg.evaluation import decoding
 from peft_nlg.formatting import IGNORE_INDEX
 from peft_nlg.generation import generate
-from peft_nlg.methods import get_method
+from peft_nlg.methods import Method, get_method
 from peft_nlg.runtime import (
     compute_dtype,
     device,
@@ -151,6 +154,10 @@ def main() -> int:
     ap.add_argument("--quality-seeds", type=int, default=-1,
                     help="train both recipes (ours at equal tokens per step) this many more times with other seeds "
                          "(1, 2, ...) for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
+    ap.add_argument("--recipe-quality-only", action="store_true",
+                    help="train only the recipe (seed 0 and --quality-seeds more) and write its quality check: "
+                         "validation loss, test scores by its generate, and by its generate with our generation "
+                         "mends where the method has any; no timings, no runs of ours")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the temporary work directory (trained models, data) instead of removing it at exit")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -236,6 +243,15 @@ def main() -> int:
                "prompt": {"both": "the recipe's", **_recipe_prompt(B)},
                "equal_budget_examples": "the recipe's", "equal_budget_schedule": _recipe_schedule(B),
                "methods": {}}
+    if args.recipe_quality_only:
+        results["only"] = "the recipe's quality check (--recipe-quality-only)"
+        for name in args.methods.split(","):
+            results["methods"][name] = {"baseline": recipe_quality_seeds(
+                B, name, args, init_dir, base_tok, base_train, base_valid, test_rows[: args.quality_prompts], dev, bs,
+                base_steps)}
+            print(json.dumps({name: results["methods"][name]}), flush=True)
+            write_json(Path(args.out), results)
+        return 0
     for name in args.methods.split(","):
         try:
             row = bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows,
@@ -270,6 +286,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     on_gpu = dev.type == "cuda"
     row = {}
     lr = 2e-4  # the recipe trains every method at 2e-4 (its part "arch")
+    method = get_method(name)
     common = {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
               "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
               "seed": 0, "method_options": _baseline_like_options(name), "precision": args.precision,
@@ -338,21 +355,9 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
 
     # --- baseline: the reference recipe as written
     quality_rows = test_rows[: args.quality_prompts]
-    model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev)
-    dt = timer.t1 - timer.t0
-    row["baseline"] = {"tokens_per_s": round(timer.steps * bs * real_per_example / dt),
-                       "peak_memory_gb": B.peak() if on_gpu else None,
-                       **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev), **recipe_generation}
-    del model
-    # the recipe's own run-to-run spread, the noise "same quality" is measured against (other data orders,
-    # initial adapters and dropout masks)
-    other_seeds = []
-    for seed in range(1, args.quality_seeds + 1):
-        model, _ = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed)
-        other_seeds.append({"seed": seed, **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev)})
-        del model
-    if other_seeds:
-        row["baseline"]["other_seeds"] = other_seeds
+    row["baseline"] = recipe_quality_seeds(B, name, args, init_dir, base_tok, base_train, base_valid, quality_rows,
+                                           dev, bs, base_steps, real_per_example)
+    row["baseline"].update(recipe_generation)
     torch.cuda.empty_cache() if on_gpu else None
 
     # --- ours at the baseline's tokens per step, learning rate and schedule, on its examples: quality + memory
@@ -385,7 +390,7 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
                    "tokens_per_step": round(record["train_tokens"] / record["steps"]),
                    "trainable_params": record["trainable_params"]}
     compiled = dataclasses.replace(default, compile=True, output_dir=str(work / name / "compiled"))
-    will_compile, why_not = use_compiled_blocks(compiled, get_method(name), dev, our_steps)
+    will_compile, why_not = use_compiled_blocks(compiled, method, dev, our_steps)
     if args.compile and not will_compile:
         row["ours_compiled"] = {"skipped": why_not}
     elif args.compile:  # the same run with compiled blocks: its first steps (compilation) fall in the warm-up
@@ -430,6 +435,31 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     return row
 
 
+def recipe_quality_seeds(B, name: str, args, init_dir: Path, base_tok, base_train: list[dict], base_valid: list[dict],
+                         quality_rows: list[dict], dev, bs: int, base_steps: int,
+                         real_per_example: float | None = None) -> dict:
+    """The reference recipe as written, trained with seed 0 (its speed, when ``real_per_example`` is given, and
+    peak memory on a GPU) and with ``args.quality_seeds`` other seeds: its own run-to-run spread, the noise "same
+    quality" is measured against (other data orders, initial adapters and dropout masks)."""
+    method = get_method(name)
+    model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev)
+    row = {}
+    if real_per_example is not None:
+        row["tokens_per_s"] = round(timer.steps * bs * real_per_example / (timer.t1 - timer.t0))
+        row["peak_memory_gb"] = B.peak() if dev.type == "cuda" else None
+    row.update(_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev, method))
+    del model
+    other_seeds = []
+    for seed in range(1, args.quality_seeds + 1):
+        model, _ = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed)
+        other_seeds.append({"seed": seed,
+                            **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev, method)})
+        del model
+    if other_seeds:
+        row["other_seeds"] = other_seeds
+    return row
+
+
 def _recipe_model(B, name: str, init_dir: Path, dev, seed: int = 0):
     """The model as the recipe builds it: the weights, then its adapter for ``name`` (initialised under ``seed``)."""
     torch.manual_seed(seed)
@@ -453,23 +483,41 @@ def _train_recipe(B, name: str, init_dir: Path, tokenizer, features: list[dict],
     return model, timer
 
 
-def _recipe_quality(B, model, tokenizer, valid_features: list[dict], quality_rows: list[dict], dev) -> dict:
-    """Validation loss and test scores of a model the recipe trained, decoded by the recipe's own generate."""
-    quality = {"valid_loss": round(answer_loss(model, tokenizer, valid_features, dev), 4)}
-    try:  # the recipe's own generate crashes with some methods (prefix tuning, per its docstring)
-        replies, _ = B.generate(model, tokenizer, "dialogue", quality_rows)
-        quality["test_scores"] = _scores(replies, quality_rows)
-    except Exception as err:
-        quality["test_scores"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+# the recipe's weights decoded by its generate with our generation mends (Method.prepare_for_generation)
+MENDED_SCORES = "test_scores_with_our_generation_mends"
+
+
+def _recipe_quality(B, model, tokenizer, valid_features: list[dict], quality_rows: list[dict], dev,
+                    method: Method) -> dict:
+    """Validation loss and test scores of a model the recipe trained, decoded by the recipe's own generate; for a
+    method whose generation peft-nlg mends (``Method.prepare_for_generation``), the same weights decoded again
+    with the mends, as our weights are in ``_equal_budget_quality``'s recipe decoding, so that the two trainings
+    can be compared on equal decoding."""
+    quality = {"valid_loss": round(answer_loss(model, tokenizer, valid_features, dev), 4),
+               "test_scores": _recipe_generate_scores(B, model, tokenizer, quality_rows)}
+    if method.prepare_for_generation is not None:
+        method.ready_for_generation(model)
+        quality[MENDED_SCORES] = _recipe_generate_scores(B, model, tokenizer, quality_rows)
     return quality
+
+
+def _recipe_generate_scores(B, model, tokenizer, quality_rows: list[dict]) -> dict:
+    """The scores of the recipe's own ``generate``, or the error it raised (it crashes with prefix tuning, per
+    its docstring)."""
+    try:
+        replies, _ = B.generate(model, tokenizer, "dialogue", quality_rows)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    return _scores(replies, quality_rows)
 
 
 def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dict], dev, B, tokenizer) -> dict:
     """Validation loss and test scores of a run trained at the recipe's budget, decoded with the recipe's settings
     (greedy, 64 new tokens, no n-gram block) by test mode (bf16 weights where the hardware has bf16); and the same
-    trained weights decoded by the recipe's own ``generate`` (fp32 weights under bf16 autocast), so that only
-    the training differs from the recipe's scores: in bf16 the decoding path alone moved the untrained model's
-    ROUGE-L on 100 dialogue prompts between 7.74 and 8.23 (2026-11-28)."""
+    trained weights decoded by the recipe's own ``generate`` (fp32 weights under bf16 autocast; loaded as test mode
+    loads them, so with our generation mends where a method has any, and the recipe's weights are decoded with them
+    too, ``MENDED_SCORES``), so that only the training differs from the recipe's scores: in bf16 the decoding
+    path alone moved the untrained model's ROUGE-L on 100 dialogue prompts between 7.74 and 8.23 (2026-11-28)."""
     dtype = compute_dtype(config, dev)  # as training and test mode choose it (bf16 where the hardware has it)
     loaded = load_trained(config.out, config, dev, dtype)
     valid = [loaded.prompter.encode(r) for r in valid_rows]
@@ -483,11 +531,8 @@ def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dic
     # the loss as the recipe scores its own model: fp32 weights (under bf16 autocast on a GPU), so that on a CPU
     # the comparison is not between fp32 and bf16 arithmetic
     quality["valid_loss_recipe_evaluation"] = round(answer_loss(as_trained.model, as_trained.tokenizer, valid, dev), 4)
-    try:  # the recipe's generate fails for some methods (prefix tuning), as it does on its own models
-        replies, _ = B.generate(as_trained.model, tokenizer, "dialogue", quality_rows)
-        quality["test_scores_recipe_decoding"] = _scores(replies, quality_rows)
-    except Exception as err:
-        quality["test_scores_recipe_decoding"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    # loaded as test mode loads it: with our generation mends (Method.prepare_for_generation) where a method has any
+    quality["test_scores_recipe_decoding"] = _recipe_generate_scores(B, as_trained.model, tokenizer, quality_rows)
     return quality
 
 
@@ -568,19 +613,23 @@ def _baseline_like_options(name: str) -> dict:
 
 def markdown_table(results: dict) -> str:
     """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
+    if "only" in results:
+        return _recipe_quality_table(results)
     compiled = any("compile_speedup" in r for r in results["methods"].values())
     cudnn = any("no_cudnn_attention_speedup" in r for r in results["methods"].values())
     recipe_decoding = any("test_scores_recipe_decoding" in r.get("ours_equal", {}) for r in results["methods"].values())
+    mended = any(MENDED_SCORES in r.get("baseline", {}) for r in results["methods"].values())
     lines = ["| method | base tok/s | ours tok/s | × | mem base GB | mem ours@equal GB | valid loss base / ours@equal "
              "| test ROUGE-L base / ours@equal |"
+             + (" test ROUGE-L base, decoded with our generation mends |" if mended else "")
              + (" test ROUGE-L ours@equal, the recipe's decoding |" if recipe_decoding else "")
              + " gen base | gen ours greedy | × | beam ours |"
              + (" compiled tok/s (× base, × eager) |" if compiled else "")
              + (" ours with cuDNN attention: train / gen tok/s (ours ×) |" if cudnn else ""),
-             "|" + "---|" * (12 + recipe_decoding + compiled + cudnn)]
+             "|" + "---|" * (12 + mended + recipe_decoding + compiled + cudnn)]
     for name, r in results["methods"].items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error'][:80]} |" + " |" * (9 + recipe_decoding))
+            lines.append(f"| {name} | error: {r['error'][:80]} |" + " |" * (9 + mended + recipe_decoding))
             continue
         b, o, e = r["baseline"], r["ours"], r["ours_equal"]
         gen_base = f"{b['gen_tokens_per_s']:,.0f}" if "gen_tokens_per_s" in b else "–"
@@ -588,12 +637,31 @@ def markdown_table(results: dict) -> str:
             f"| {name}", f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f}", f"**{r['train_speedup']}**",
             str(b["peak_memory_gb"] or "–"), str(e["peak_memory_gb"]),
             _valid_cell(b, e),
-            _test_cell(b, e), *([_recipe_decoding_cell(e)] if recipe_decoding else []),
+            _test_cell(b, e), *([_mended_cell(b)] if mended else []),
+            *([_recipe_decoding_cell(e)] if recipe_decoding else []),
             gen_base, f"{r['ours_gen_greedy']['new_tokens_per_s']:,.0f}",
             f"**{r.get('gen_speedup_greedy', '–')}**",
             f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
             _compiled_cell(r) if compiled else "") + (
             _cudnn_cell(r) if cudnn else ""))
+    return "\n".join(lines)
+
+
+def _recipe_quality_table(results: dict) -> str:
+    """The table of a --recipe-quality-only run: the recipe's validation loss, and its test scores by its own
+    generate as written and with our generation mends, each with the spread of its seeds."""
+    def scored(scores: str, key: str, decimals: int):
+        def value(seed_run):
+            return seed_run.get(scores, {}).get(key)
+        return lambda run: (f"{value(run):.{decimals}f}{_seed_spread(run, value, decimals)}"
+                            if value(run) is not None else "–")
+    cells = [lambda run: f"{run['valid_loss']:.3f}{_seed_spread(run, lambda r: r['valid_loss'], 3)}",
+             scored("test_scores", "rougeL", 2), scored("test_scores", "mean_len", 1),
+             scored(MENDED_SCORES, "rougeL", 2), scored(MENDED_SCORES, "mean_len", 1)]
+    lines = ["| method | recipe valid loss | test ROUGE-L, its generate as written | reply length (words) "
+             "| test ROUGE-L, with our generation mends | reply length (words) |", "|" + "---|" * 6]
+    for name, row in results["methods"].items():
+        lines.append(" | ".join([f"| {name}", *(cell(row["baseline"]) for cell in cells)]) + " |")
     return "\n".join(lines)
 
 
@@ -634,6 +702,11 @@ def _test_cell(base: dict, ours: dict) -> str:
     if "test_scores" not in ours:
         return "–"
     return f"{_rouge_cell(base, 'test_scores')} / {_rouge_cell(ours, 'test_scores')}"
+
+
+def _mended_cell(base: dict) -> str:
+    """The recipe's trained weights decoded by its generate with our mends (methods whose generation has any)."""
+    return _rouge_cell(base, MENDED_SCORES) if MENDED_SCORES in base else "–"
 
 
 def _recipe_decoding_cell(ours: dict) -> str:

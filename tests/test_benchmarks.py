@@ -87,6 +87,90 @@ def test_our_weights_decoded_the_recipes_way_get_a_column_of_their_own():
     assert none_row.split(" | ")[8] == "–"  # measured before the column existed
 
 
+def test_the_recipes_weights_decoded_with_our_generation_mends_get_a_column_of_their_own():
+    speed = _speed_module()
+    results = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-cpu-3-real-weights.json").read_text())
+    base = results["methods"]["lora"]["baseline"]
+    base[speed.MENDED_SCORES] = {**base["test_scores"], "rougeL": 7.1}
+    base["other_seeds"] = [{"seed": 1, "valid_loss": 4.5, "test_scores": base["test_scores"],
+                            speed.MENDED_SCORES: {**base["test_scores"], "rougeL": 8.4}}]
+    lines = speed.markdown_table(results).splitlines()
+    assert "| test ROUGE-L base / ours@equal | test ROUGE-L base, decoded with our generation mends |" in lines[0]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    lora_row, none_row = lines[2:]
+    assert lora_row.split(" | ")[8] == "7.10 (7.10–8.40, 2 seeds)"
+    assert none_row.split(" | ")[8] == "–"
+
+
+QUALITY_ONLY = sorted((ROOT / "benchmarks" / "results" / "quality").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", QUALITY_ONLY, ids=[p.name for p in QUALITY_ONLY])
+def test_every_committed_recipe_quality_run_renders_one_row_per_method(path):
+    results = json.loads(path.read_text())
+    lines = _speed_module().markdown_table(results).splitlines()
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == list(results["methods"])
+    assert all(line.count("|") == 7 for line in lines)
+
+
+def test_a_recipe_quality_run_renders_its_scores_as_written_and_mended_with_their_spread():
+    speed = _speed_module()
+
+    def seed(loss, written, mended):
+        return {"valid_loss": loss, "test_scores": {"rougeL": written, "mean_len": 2.0},
+                speed.MENDED_SCORES: {"rougeL": mended, "mean_len": 30.0}}
+    results = {"only": "the recipe's quality check", "methods": {
+        "p_tuning": {"baseline": {**seed(4.6164, 6.36, 8.1), "other_seeds": [seed(4.5133, 7.42, 7.5)]}},
+        "ia3": {"baseline": {"valid_loss": 4.2, "test_scores": {"error": "RuntimeError"}}}}}
+    p_tuning, ia3 = speed.markdown_table(results).splitlines()[2:]
+    assert p_tuning == ("| p_tuning | 4.616 (4.513–4.616, 2 seeds) | 6.36 (6.36–7.42, 2 seeds) "
+                        "| 2.0 (2.0–2.0, 2 seeds) | 8.10 (7.50–8.10, 2 seeds) | 30.0 (30.0–30.0, 2 seeds) |")
+    assert ia3 == "| ia3 | 4.200 | – | – | – | – |"
+
+
+class _FakeRecipe:
+    """The recipe's interface as speed.py calls it; its replies say whether the model's generation was mended."""
+
+    def __init__(self, peft_config):
+        self.peft_config, self.seeds = peft_config, []
+        self.TrainingArguments = lambda **kwargs: kwargs
+
+    def peft_cfg(self, name):
+        return self.peft_config
+
+    def train(self, model, tok, data, bs, steps=None):
+        self.seeds.append(self.TrainingArguments().get("seed", 0))
+        return None, 0.0, None
+
+    def generate(self, model, tok, task, rows):
+        mended = getattr(model, "_peft_nlg_mask_positions", False)
+        return [row["trg"] if mended else "no" for row in rows], 0.0
+
+
+def test_a_soft_prompt_recipes_weights_are_scored_as_written_and_with_our_generation_mends(tiny_models,
+                                                                                            monkeypatch):
+    """peft's own generate (transformers 5, peft 0.21) numbers a left-padded row's positions over its padding and
+    injects the soft prompt again at each step: the recipe's scores for P-tuning and prompt tuning are of that
+    decoding, while our weights are decoded with the mends; the recipe's weights get both."""
+    import torch
+    from peft import LoraConfig, PromptEncoderConfig
+    speed = _speed_module()
+    monkeypatch.setattr(speed, "answer_loss", lambda *args: 4.25)
+    rows = [{"src": "how are you", "trg": "fine thanks"}, {"src": "hello there", "trg": "hi how are you"}]
+    args = type("Args", (), {"quality_seeds": 2})()
+    p_tuning = _FakeRecipe(PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8))
+    row = speed.recipe_quality_seeds(p_tuning, "p_tuning", args, tiny_models["llama"], None, [], [], rows,
+                                     torch.device("cpu"), 2, 3)
+    assert p_tuning.seeds == [0, 1, 2]
+    assert row["test_scores"]["rougeL"] == 0.0 and row[speed.MENDED_SCORES]["rougeL"] == 100.0
+    assert [seed[speed.MENDED_SCORES]["rougeL"] for seed in row["other_seeds"]] == [100.0, 100.0]
+    assert "tokens_per_s" not in row and row["valid_loss"] == 4.25
+    lora = _FakeRecipe(LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    row = speed.recipe_quality_seeds(lora, "lora", type("Args", (), {"quality_seeds": 0})(), tiny_models["llama"],
+                                     None, [], [], rows, torch.device("cpu"), 2, 3)
+    assert speed.MENDED_SCORES not in row and "other_seeds" not in row  # nothing of LoRA's generation is mended
+
+
 def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
     speed = _speed_module()
     whole = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-h200.json").read_text())
