@@ -502,8 +502,8 @@ def _recipe_quality(B, model, tokenizer, valid_features: list[dict], quality_row
 
 
 def _recipe_generate_scores(B, model, tokenizer, quality_rows: list[dict]) -> dict:
-    """The scores of the recipe's own ``generate``, or the error it raised (it crashes with prefix tuning, per
-    its docstring)."""
+    """The scores of the recipe's own ``generate``, or the error it raised (its docstring says it crashes with
+    prefix tuning; with transformers 5.24 and peft 0.21.2 it drops the trained prefix instead, 2026-12-07)."""
     try:
         replies, _ = B.generate(model, tokenizer, "dialogue", quality_rows)
     except Exception as err:
