@@ -21,7 +21,8 @@ Per method, generation first (timed before any training in the process, see benc
               how far one run's validation loss and scores move by chance, the recipe's and ours side by side;
               for P-tuning, prompt and prefix tuning the recipe's weights are decoded twice: by its generate as
               written (peft's own prompt injection) and with our generation mends, which our weights get too
-              (``MENDED_SCORES``); --recipe-quality-only runs this part alone
+              (``MENDED_SCORES``); --quality-only runs this part alone (the recipe's side, ours or both, any
+              range of seeds), and --pool joins the seeds of several runs into one table
 
 Prints a table and writes JSON. Ratios are ours / baseline from this one run; absolute numbers only mean
 something with the device named in the JSON. For generation timed in a fresh process, measure one method per
@@ -74,6 +75,8 @@ from peft_nlg.training import train, use_compiled_blocks
 METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
 # the methods whose generation the recipe times (its part "arch"); the others it trains only
 RECIPE_TIMES_GENERATION = ("none", "lora")
+# --quality-only's choices: whose training it repeats
+QUALITY_SIDES = {"recipe": "the recipe's side", "ours": "our side", "both": "both sides"}
 
 
 def load_baseline(path: Path, out_dir: Path):
@@ -154,10 +157,24 @@ def main() -> int:
     ap.add_argument("--quality-seeds", type=int, default=-1,
                     help="train both recipes (ours at equal tokens per step) this many more times with other seeds "
                          "(1, 2, ...) for the quality check's run-to-run spread (-1: 2 with --init-dir, 0 otherwise)")
-    ap.add_argument("--recipe-quality-only", action="store_true",
-                    help="train only the recipe (seed 0 and --quality-seeds more) and write its quality check: "
-                         "validation loss, test scores by its generate, and by its generate with our generation "
-                         "mends where the method has any; no timings, no runs of ours")
+    ap.add_argument("--quality-only", choices=["recipe", "ours", "both"],
+                    help="no timings: train only this side (the recipe, ours at its tokens per step, or both) with "
+                         "--first-seed and --quality-seeds more seeds, and write the quality check: validation "
+                         "loss, test scores by each side's own decoding and by the recipe's generate with our "
+                         "generation mends where the method has any")
+    ap.add_argument("--recipe-quality-only", dest="quality_only", action="store_const", const="recipe",
+                    help="the same as --quality-only recipe")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="with --quality-only: the first seed (default 0), so that a later run adds seeds to an "
+                         "earlier one's (join them with --pool)")
+    ap.add_argument("--our-batches", default="equal-tokens", choices=list(OUR_BATCHES),
+                    help="with --quality-only: how ours groups the recipe's examples into steps (equal-tokens: the "
+                         "benchmark's own, length-grouped batches of the recipe's real tokens per step, which make "
+                         "more and smaller steps; recipe-steps: the recipe's examples per step, length-grouped, so "
+                         "as many optimizer steps as the recipe)")
+    ap.add_argument("--pool", nargs="+", metavar="JSON",
+                    help="join the quality checks of several runs of the same setup (timed or --quality-only, any "
+                         "seeds) into one quality-only results file at --out, seed by seed, and exit")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the temporary work directory (trained models, data) instead of removing it at exit")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -175,6 +192,13 @@ def main() -> int:
     if args.render:
         print(markdown_table(json.loads(Path(args.render).read_text())))
         return 0
+    if args.pool:
+        if not args.out:
+            ap.error("--pool needs --out")
+        pooled = pool_seeds([json.loads(Path(path).read_text()) for path in args.pool], args.pool)
+        write_json(Path(args.out), pooled)
+        print(markdown_table(pooled))
+        return 0
     if args.merge:
         if not args.out:
             ap.error("--merge needs --out")
@@ -186,6 +210,10 @@ def main() -> int:
         ap.error("--arch-dir (or --init-dir) and --out are required")
     if args.init_dir and args.layers:
         ap.error("--layers changes the architecture: it needs a random initialisation (--arch-dir)")
+    if args.first_seed and not args.quality_only:
+        ap.error("--first-seed needs --quality-only: the timed run is seed 0's")
+    if args.our_batches != "equal-tokens" and not args.quality_only:
+        ap.error("--our-batches needs --quality-only: ours@equal's speed is defined at equal tokens per step")
 
     dev = device()
     on_gpu = dev.type == "cuda"
@@ -242,21 +270,30 @@ def main() -> int:
                "gen_timing": "ours' greedy and the recipe's in alternating rounds",
                "prompt": {"both": "the recipe's", **_recipe_prompt(B)},
                "equal_budget_examples": "the recipe's", "equal_budget_schedule": _recipe_schedule(B),
-               "methods": {}}
-    if args.recipe_quality_only:
-        results["only"] = "the recipe's quality check (--recipe-quality-only)"
+               "quality_prompts": args.quality_prompts, "valid_examples": args.valid_examples,
+               "our_batches": args.our_batches, "methods": {}}
+    seeds = list(range(args.first_seed, args.first_seed + args.quality_seeds + 1))
+    quality_rows = test_rows[: args.quality_prompts]
+    if args.quality_only:
+        results["only"] = f"the quality check, {QUALITY_SIDES[args.quality_only]} (--quality-only)"
         for name in args.methods.split(","):
-            results["methods"][name] = {"baseline": recipe_quality_seeds(
-                B, name, args, init_dir, base_tok, base_train, base_valid, test_rows[: args.quality_prompts], dev, bs,
-                base_steps)}
-            print(json.dumps({name: results["methods"][name]}), flush=True)
+            row = results["methods"][name] = {}
+            if args.quality_only in ("recipe", "both"):
+                row["baseline"] = recipe_quality_seeds(B, name, seeds, init_dir, base_tok, base_train, base_valid,
+                                                       quality_rows, dev, bs, base_steps)
+            if args.quality_only in ("ours", "both"):
+                row["ours_equal"] = ours_equal_budget_seeds(
+                    B, name, seeds, _our_settings(B, name, init_dir, bench_data, args), recipe_data, work,
+                    equal_tokens_per_step, bs, valid_rows, quality_rows, dev, base_tok, args.our_batches)
+            print(json.dumps({name: row}), flush=True)
             write_json(Path(args.out), results)
+        print(markdown_table(results))
         return 0
     for name in args.methods.split(","):
         try:
-            row = bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows,
-                               test_rows, bench_data, recipe_data, work, dev, bs, base_steps, our_steps, n_gen,
-                               n_base_gen, real_per_example, equal_tokens_per_step)
+            row = bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, base_valid,
+                               valid_rows, test_rows, bench_data, recipe_data, work, dev, bs, base_steps, our_steps,
+                               n_gen, n_base_gen, real_per_example, equal_tokens_per_step)
         except Exception as err:  # keep measuring the other methods; the JSON says what failed
             row = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
             torch.cuda.empty_cache() if on_gpu else None
@@ -280,18 +317,36 @@ def write_bench_data(work: Path, train_split: list[dict], recipe_rows: list[dict
     return dirs
 
 
-def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_valid, valid_rows, test_rows,
+def _our_settings(B, name: str, init_dir: Path, bench_data: Path, args) -> dict:
+    """The settings every run of ours shares: the recipe's adapter and prompt, eager, seed 0."""
+    return {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
+            "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
+            "seed": 0, "method_options": _baseline_like_options(name), "precision": args.precision,
+            **_recipe_prompt(B),  # the same prompts as the recipe: the prompt is not a speed lever
+            "compile": False}  # eager unless measured with compiled blocks on purpose (bench_method)
+
+
+# the recipe trains every method at 2e-4 (its part "arch")
+RECIPE_LEARNING_RATE = 2e-4
+# how ours groups the recipe's examples into steps, from (the recipe's real tokens per step, its batch size):
+# the benchmark's definition, length-grouped batches of the recipe's tokens per step (18 steps to the recipe's
+# 14 on its CPU budget: padding in a batch counts against the budget), or the recipe's batch size, length-grouped,
+# so that both take as many optimizer steps (a quality probe: Adam moves each weight about the same distance per
+# step whatever the batch, so more steps can mean a longer way from the start)
+OUR_BATCHES = {
+    "equal-tokens": lambda tokens_per_step, bs: {"batch_tokens": tokens_per_step, "max_batch_size": 4 * bs},
+    "recipe-steps": lambda tokens_per_step, bs: {"batch_tokens": 10**9, "max_batch_size": bs},
+}
+
+
+def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, base_valid, valid_rows, test_rows,
                  bench_data, recipe_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen, real_per_example,
                  equal_tokens_per_step) -> dict:
     on_gpu = dev.type == "cuda"
     row = {}
-    lr = 2e-4  # the recipe trains every method at 2e-4 (its part "arch")
+    lr = RECIPE_LEARNING_RATE
     method = get_method(name)
-    common = {"task": "dialogue", "method": name, "model": str(init_dir), "data_dir": str(bench_data),
-              "report_to": "none", "overwrite": True, "max_valid_examples": args.valid_examples,
-              "seed": 0, "method_options": _baseline_like_options(name), "precision": args.precision,
-              **_recipe_prompt(B),  # the same prompts as the recipe: the prompt is not a speed lever
-              "compile": False}  # eager unless measured with compiled blocks on purpose (below)
+    common = _our_settings(B, name, init_dir, bench_data, args)
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
     # since a random model almost never emits EOS and every prompt runs to the new-token limit. Timed before
     # any training in the process: after the trainings, the recipe's LoRA generation (which casts every frozen
@@ -355,30 +410,13 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
 
     # --- baseline: the reference recipe as written
     quality_rows = test_rows[: args.quality_prompts]
-    row["baseline"] = recipe_quality_seeds(B, name, args, init_dir, base_tok, base_train, base_valid, quality_rows,
+    row["baseline"] = recipe_quality_seeds(B, name, seeds, init_dir, base_tok, base_train, base_valid, quality_rows,
                                            dev, bs, base_steps, real_per_example)
     row["baseline"].update(recipe_generation)
     torch.cuda.empty_cache() if on_gpu else None
 
-    # --- ours at the baseline's tokens per step, learning rate and schedule, on its examples: quality + memory
-    # (until 2026-11-28 on a random subset of the train split of the same size, a different one per seed, and
-    # with our default schedule)
-    equal = build_config({**common, "data_dir": str(recipe_data), "output_dir": str(work / name / "equal"),
-                          "epochs": 1, "batch_tokens": equal_tokens_per_step, "max_batch_size": 4 * bs,
-                          "learning_rate": lr, **_recipe_schedule(B), "eval_every": 10**9})
-    reset_peak_memory(dev)
-    record = train(equal)
-    row["ours_equal"] = {"tokens_per_s": record["steady_tokens_per_s"], "peak_memory_gb": record["peak_memory_gb"],
-                         "steps": record["steps"], "train_tokens": record["train_tokens"],
-                         **_equal_budget_quality(equal, valid_rows, quality_rows, dev, B, base_tok)}
-    other_seeds = []
-    for seed in range(1, args.quality_seeds + 1):  # the same run but for its seed (initial adapter, batch order)
-        again = dataclasses.replace(equal, seed=seed, output_dir=str(work / name / f"equal-seed{seed}"))
-        train(again)
-        other_seeds.append({"seed": seed,
-                            **_equal_budget_quality(again, valid_rows, quality_rows, dev, B, base_tok)})
-    if other_seeds:
-        row["ours_equal"]["other_seeds"] = other_seeds
+    row["ours_equal"] = ours_equal_budget_seeds(B, name, seeds, common, recipe_data, work, equal_tokens_per_step,
+                                                bs, valid_rows, quality_rows, dev, base_tok)
 
     # --- ours at the device's default batch: the speed a user gets
     default = build_config({**common, "output_dir": str(work / name / "default"), "max_steps": our_steps,
@@ -435,29 +473,52 @@ def bench_method(name, B, args, init_dir, config, base_tok, base_train, base_val
     return row
 
 
-def recipe_quality_seeds(B, name: str, args, init_dir: Path, base_tok, base_train: list[dict], base_valid: list[dict],
-                         quality_rows: list[dict], dev, bs: int, base_steps: int,
+def recipe_quality_seeds(B, name: str, seeds: list[int], init_dir: Path, base_tok, base_train: list[dict],
+                         base_valid: list[dict], quality_rows: list[dict], dev, bs: int, base_steps: int,
                          real_per_example: float | None = None) -> dict:
-    """The reference recipe as written, trained with seed 0 (its speed, when ``real_per_example`` is given, and
-    peak memory on a GPU) and with ``args.quality_seeds`` other seeds: its own run-to-run spread, the noise "same
-    quality" is measured against (other data orders, initial adapters and dropout masks)."""
+    """The reference recipe trained once per seed (seed 0: as written): its run-to-run spread, the noise "same
+    quality" is measured against (other data orders, initial adapters and dropout masks). The first seed's run
+    also gives its speed, when ``real_per_example`` is given, and peak memory on a GPU."""
     method = get_method(name)
-    model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev)
-    row = {}
-    if real_per_example is not None:
-        row["tokens_per_s"] = round(timer.steps * bs * real_per_example / (timer.t1 - timer.t0))
-        row["peak_memory_gb"] = B.peak() if dev.type == "cuda" else None
-    row.update(_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev, method))
-    del model
-    other_seeds = []
-    for seed in range(1, args.quality_seeds + 1):
-        model, _ = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed)
-        other_seeds.append({"seed": seed,
-                            **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev, method)})
+    runs = []
+    for seed in seeds:
+        model, timer = _train_recipe(B, name, init_dir, base_tok, base_train, bs, base_steps, dev, seed or None)
+        run = {"seed": seed}
+        if real_per_example is not None and not runs:
+            run["tokens_per_s"] = round(timer.steps * bs * real_per_example / (timer.t1 - timer.t0))
+            run["peak_memory_gb"] = B.peak() if dev.type == "cuda" else None
+        runs.append({**run, **_recipe_quality(B, model, base_tok, base_valid, quality_rows, dev, method)})
         del model
-    if other_seeds:
-        row["other_seeds"] = other_seeds
-    return row
+    return _first_with_other_seeds(runs)
+
+
+def ours_equal_budget_seeds(B, name: str, seeds: list[int], common: dict, recipe_data: Path, work: Path,
+                            equal_tokens_per_step: int, bs: int, valid_rows: list[dict], quality_rows: list[dict],
+                            dev, tokenizer, batches: str = "equal-tokens") -> dict:
+    """Ours at the recipe's tokens per step, learning rate and schedule, on its examples, once per seed (initial
+    adapter, batch order): the quality set beside the recipe's (until 2026-11-28 on a random subset of the train
+    split of the same size, a different one per seed, and with our default schedule). The first seed's run also
+    gives the speed and peak memory at equal tokens per step. ``batches``: see ``OUR_BATCHES``."""
+    sizes = OUR_BATCHES[batches](equal_tokens_per_step, bs)
+    equal = build_config({**common, "data_dir": str(recipe_data), "output_dir": str(work / name / "equal"),
+                          "epochs": 1, **sizes,
+                          "learning_rate": RECIPE_LEARNING_RATE, **_recipe_schedule(B), "eval_every": 10**9})
+    runs = []
+    for seed in seeds:
+        run = dataclasses.replace(equal, seed=seed, output_dir=str(work / name / f"equal-seed{seed}"))
+        reset_peak_memory(dev)
+        record = train(run)
+        speed = {} if runs else {"tokens_per_s": record["steady_tokens_per_s"],
+                                 "peak_memory_gb": record["peak_memory_gb"], "steps": record["steps"],
+                                 "train_tokens": record["train_tokens"]}
+        runs.append({"seed": seed, **speed,
+                     **_equal_budget_quality(run, valid_rows, quality_rows, dev, B, tokenizer)})
+    return _first_with_other_seeds(runs)
+
+
+def _first_with_other_seeds(runs: list[dict]) -> dict:
+    """The results files' shape for one side's seeds: the first run, with the others under "other_seeds"."""
+    return {**runs[0], **({"other_seeds": runs[1:]} if len(runs) > 1 else {})}
 
 
 def _recipe_model(B, name: str, init_dir: Path, dev, seed: int = 0):
@@ -525,7 +586,8 @@ def _equal_budget_quality(config, valid_rows: list[dict], quality_rows: list[dic
                                         no_repeat_ngram=0)
     replies, _ = generate(loaded.model, loaded.tokenizer, loaded.prompter, [r["src"] for r in quality_rows],
                           same_decoding, dev, dtype, show_progress=False)
-    quality = {"valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, valid, dev), 4),
+    quality = {"dtype": str(dtype).removeprefix("torch."),
+               "valid_loss": round(answer_loss(loaded.model, loaded.tokenizer, valid, dev), 4),
                "test_scores": _scores(replies, quality_rows)}
     as_trained = load_trained(config.out, dataclasses.replace(config, merge_adapter="no"), dev, torch.float32)
     # the loss as the recipe scores its own model: fp32 weights (under bf16 autocast on a GPU), so that on a CPU
@@ -567,6 +629,76 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
         merged["methods"].update(part["methods"])
         merged["merged_from"].update({method: f"{Path(name).name} ({part['date']})" for method in part["methods"]})
     return merged
+
+
+# what a side's run keeps in a pooled quality check: its quality, not its speed (timed in one run only)
+_QUALITY_KEYS = ("seed", "dtype", "valid_loss", "valid_loss_recipe_evaluation", "test_scores", MENDED_SCORES,
+                 "test_scores_recipe_decoding")
+# the sides of a method's row that hold quality checks: the recipe's and ours at its tokens per step
+_SIDES = ("baseline", "ours_equal")
+
+
+def pool_seeds(parts: list[dict], names: list[str]) -> dict:
+    """One quality-only results file from the quality checks of several runs of one setup (timed runs or
+    --quality-only runs, other seeds each): every side of every method gets the union of the runs' seeds. A seed
+    found in two files must be the same training (validation loss within 0.001: on a CPU a seed repeats to the
+    fourth decimal); its scores are joined, the first file's kept where both have one. Each seed's run says which
+    file it came from."""
+    setup = [key for key in _SETUP if key not in ("gen_prompts", "gen_timing", "our_precision")]
+    pooled = {key: parts[0].get(key) for key in setup}
+    pooled.update(only="the quality check, pooled from several runs (--pool)", methods={},
+                  date=sorted({p["date"] for p in parts})[-1],
+                  pooled_from=[f"{Path(name).name} ({part['date']})" for part, name in zip(parts, names, strict=True)])
+    ours_from = None  # (the variant of ours, its file) of the first file with a side of ours
+    for part, name in zip(parts, names, strict=True):
+        differing = [key for key in setup + ["quality_prompts", "valid_examples"]
+                     if part.get(key) != pooled.get(key) and key in part and key in pooled]
+        if differing:
+            raise ValueError(f"{name}: measured with another {', '.join(differing)} than {names[0]}")
+        for key in ("quality_prompts", "valid_examples"):  # recorded since the 40th session
+            if key in part:
+                pooled.setdefault(key, part[key])
+        for method, row in part["methods"].items():
+            for side in _SIDES:
+                if side not in row:
+                    continue
+                if side == "ours_equal":  # ours in one variant only: another precision is another training
+                    variant = _our_variant(part)
+                    ours_from = ours_from or (variant, name)
+                    if variant != ours_from[0]:
+                        raise ValueError(f"{name}: ours at {_variant_text(variant)}, but {ours_from[1]} at "
+                                         f"{_variant_text(ours_from[0])}")
+                seeds = pooled["methods"].setdefault(method, {}).setdefault(side, {})
+                for run in _seed_runs(row[side]):
+                    run = {key: run[key] for key in _QUALITY_KEYS if key in run} | {"from": Path(name).name}
+                    earlier = seeds.get(run["seed"])
+                    if earlier is None:
+                        seeds[run["seed"]] = run
+                    elif abs(earlier["valid_loss"] - run["valid_loss"]) > 1e-3:
+                        raise ValueError(f"{name}: {method}, {side}, seed {run['seed']}: validation loss "
+                                         f"{run['valid_loss']} against {earlier['valid_loss']} in {earlier['from']}")
+                    else:
+                        seeds[run["seed"]] = run | earlier | {"from": f"{earlier['from']} + {run['from']}"}
+    if ours_from:
+        pooled["our_precision"], pooled["our_batches"] = ours_from[0]
+    for row in pooled["methods"].values():
+        for side, seeds in row.items():
+            row[side] = _first_with_other_seeds([seeds[seed] for seed in sorted(seeds)])
+    return pooled
+
+
+def _our_variant(results: dict) -> tuple[str, str]:
+    """(--precision, --our-batches) of a file's runs of ours (files before the 40th session: equal tokens)."""
+    return results["our_precision"], results.get("our_batches", "equal-tokens")
+
+
+def _variant_text(variant: tuple[str, str]) -> str:
+    return f"--precision {variant[0]} --our-batches {variant[1]}"
+
+
+def _seed_runs(side: dict) -> list[dict]:
+    """A side's runs, each with its seed (files before the 40th session name no seed for the first run: 0)."""
+    return [{"seed": 0, **side}, *side.get("other_seeds", [])]
 
 
 def _repeat_rates(rates: list[float]) -> dict:
@@ -614,7 +746,7 @@ def _baseline_like_options(name: str) -> dict:
 def markdown_table(results: dict) -> str:
     """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
     if "only" in results:
-        return _recipe_quality_table(results)
+        return quality_table(results)
     compiled = any("compile_speedup" in r for r in results["methods"].values())
     cudnn = any("no_cudnn_attention_speedup" in r for r in results["methods"].values())
     recipe_decoding = any("test_scores_recipe_decoding" in r.get("ours_equal", {}) for r in results["methods"].values())
@@ -647,22 +779,54 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _recipe_quality_table(results: dict) -> str:
-    """The table of a --recipe-quality-only run: the recipe's validation loss, and its test scores by its own
-    generate as written and with our generation mends, each with the spread of its seeds."""
-    def scored(scores: str, key: str, decimals: int):
-        def value(seed_run):
-            return seed_run.get(scores, {}).get(key)
-        return lambda run: (f"{value(run):.{decimals}f}{_seed_spread(run, value, decimals)}"
-                            if value(run) is not None else "–")
-    cells = [lambda run: f"{run['valid_loss']:.3f}{_seed_spread(run, lambda r: r['valid_loss'], 3)}",
-             scored("test_scores", "rougeL", 2), scored("test_scores", "mean_len", 1),
-             scored(MENDED_SCORES, "rougeL", 2), scored(MENDED_SCORES, "mean_len", 1)]
-    lines = ["| method | recipe valid loss | test ROUGE-L, its generate as written | reply length (words) "
-             "| test ROUGE-L, with our generation mends | reply length (words) |", "|" + "---|" * 6]
+def quality_table(results: dict) -> str:
+    """The table of a quality-only results file (--quality-only, --pool): a row per method and side, each value
+    the mean over the side's seeds with their lowest and highest. The columns that compare the trainings alone:
+    the validation loss as the recipe evaluates its model (fp32 weights), and the test scores of both sides'
+    weights decoded alike, by the recipe's generate with our generation mends where the method has any."""
+    lines = ["| method | trained by | seeds | valid loss, fp32 evaluation | test ROUGE-L, decoded alike (the recipe's "
+             "generate, our mends) | reply length (words) | test ROUGE-L, each side's own decoding "
+             "| reply length (words) |", "|" + "---|" * 8]
     for name, row in results["methods"].items():
-        lines.append(" | ".join([f"| {name}", *(cell(row["baseline"]) for cell in cells)]) + " |")
+        for side, run in row.items():
+            runs = _seed_runs(run)
+            if side == "baseline":
+                who, loss, alike, own = "the recipe", "valid_loss", MENDED_SCORES, "test_scores"
+                if MENDED_SCORES not in run:  # nothing of the method's generation is mended: one decoding
+                    alike = "test_scores"
+            else:
+                how = [run["dtype"]] if "dtype" in run else []
+                if results.get("our_batches") == "recipe-steps":
+                    how.append("the recipe's steps")
+                who = f"ours ({', '.join(how)})" if how else "ours"
+                loss, alike, own = "valid_loss_recipe_evaluation", "test_scores_recipe_decoding", "test_scores"
+            lines.append(" | ".join([
+                f"| {name}", who, _seed_list([r["seed"] for r in runs]),
+                _mean_spread([r.get(loss) for r in runs], 3),
+                _mean_spread([r.get(alike, {}).get("rougeL") for r in runs], 2),
+                _mean_spread([r.get(alike, {}).get("mean_len") for r in runs], 1),
+                _mean_spread([r.get(own, {}).get("rougeL") for r in runs], 2),
+                _mean_spread([r.get(own, {}).get("mean_len") for r in runs], 1)]) + " |")
     return "\n".join(lines)
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """'0–7' for a run of consecutive seeds, else '0, 2, 5'."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _mean_spread(values: list[float | None], decimals: int) -> str:
+    """'mean (lowest–highest, N seeds)' of the seeds that have a value ('–' where none has: a failed decoding, or
+    a file from before the value was recorded)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = f"{sum(values) / len(values):.{decimals}f}"
+    if len(values) < 2:
+        return mean
+    return f"{mean} ({min(values):.{decimals}f}–{max(values):.{decimals}f}, {len(values)} seeds)"
 
 
 def _profile(run: RunConfig, run_dir: Path, args, name: str, variant: str) -> str:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -106,30 +107,101 @@ QUALITY_ONLY = sorted((ROOT / "benchmarks" / "results" / "quality").glob("*.json
 
 
 @pytest.mark.parametrize("path", QUALITY_ONLY, ids=[p.name for p in QUALITY_ONLY])
-def test_every_committed_recipe_quality_run_renders_one_row_per_method(path):
+def test_every_committed_quality_run_renders_one_row_per_method_and_side(path):
     results = json.loads(path.read_text())
     lines = _speed_module().markdown_table(results).splitlines()
-    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == list(results["methods"])
-    assert all(line.count("|") == 7 for line in lines)
+    sides = [(f"| {name}", "the recipe" if side == "baseline" else "ours")
+             for name, row in results["methods"].items() for side in row]
+    assert [(line.split(" | ")[0], line.split(" | ")[1][:10]) for line in lines[2:]] == sides
+    assert all(line.count("|") == 9 for line in lines)
 
 
-def test_a_recipe_quality_run_renders_its_scores_as_written_and_mended_with_their_spread():
+def _quality_run(speed, seed, loss, own, alike=None, **more):
+    """One seed's quality check as the results files keep it (ours: ``alike`` is the recipe's decoding)."""
+    run = {"seed": seed, "valid_loss": loss, "test_scores": {"rougeL": own, "mean_len": 2.0}, **more}
+    if alike is not None:
+        run[more.pop("alike_key", speed.MENDED_SCORES)] = {"rougeL": alike, "mean_len": 30.0}
+    return run
+
+
+def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_and_its_own_way():
     speed = _speed_module()
-
-    def seed(loss, written, mended):
-        return {"valid_loss": loss, "test_scores": {"rougeL": written, "mean_len": 2.0},
-                speed.MENDED_SCORES: {"rougeL": mended, "mean_len": 30.0}}
-    results = {"only": "the recipe's quality check", "methods": {
-        "p_tuning": {"baseline": {**seed(4.6164, 6.36, 8.1), "other_seeds": [seed(4.5133, 7.42, 7.5)]}},
+    results = {"only": "the quality check", "methods": {
+        "p_tuning": {
+            "baseline": {**_quality_run(speed, 0, 4.6164, 6.36, 8.1),
+                         "other_seeds": [_quality_run(speed, 1, 4.5133, 7.42, 7.5)]},
+            "ours_equal": {"seed": 3, "dtype": "bfloat16", "valid_loss": 4.7, "valid_loss_recipe_evaluation": 4.5,
+                           "test_scores": {"rougeL": 5.0, "mean_len": 20.0},
+                           "test_scores_recipe_decoding": {"rougeL": 6.0, "mean_len": 25.0},
+                           "other_seeds": [{"seed": 5, "dtype": "bfloat16", "valid_loss": 4.8,
+                                            "valid_loss_recipe_evaluation": 4.7,
+                                            "test_scores": {"rougeL": 7.0, "mean_len": 30.0},
+                                            "test_scores_recipe_decoding": {"error": "RuntimeError"}}]}},
         "ia3": {"baseline": {"valid_loss": 4.2, "test_scores": {"error": "RuntimeError"}}}}}
-    p_tuning, ia3 = speed.markdown_table(results).splitlines()[2:]
-    assert p_tuning == ("| p_tuning | 4.616 (4.513–4.616, 2 seeds) | 6.36 (6.36–7.42, 2 seeds) "
-                        "| 2.0 (2.0–2.0, 2 seeds) | 8.10 (7.50–8.10, 2 seeds) | 30.0 (30.0–30.0, 2 seeds) |")
-    assert ia3 == "| ia3 | 4.200 | – | – | – | – |"
+    recipe, ours, ia3 = speed.markdown_table(results).splitlines()[2:]
+    assert recipe == ("| p_tuning | the recipe | 0, 1 | 4.565 (4.513–4.616, 2 seeds) | 7.80 (7.50–8.10, 2 seeds) "
+                      "| 30.0 (30.0–30.0, 2 seeds) | 6.89 (6.36–7.42, 2 seeds) | 2.0 (2.0–2.0, 2 seeds) |")
+    # the loss as the recipe evaluates (fp32), and a failed decoding counts for no seed
+    assert ours == ("| p_tuning | ours (bfloat16) | 3, 5 | 4.600 (4.500–4.700, 2 seeds) | 6.00 | 25.0 "
+                    "| 6.00 (5.00–7.00, 2 seeds) | 25.0 (20.0–30.0, 2 seeds) |")
+    # nothing of IA3's generation is mended: its one decoding is the alike one, and the first run is seed 0
+    assert ia3 == "| ia3 | the recipe | 0 | 4.200 | – | – | – | – |"
+
+
+def test_quality_checks_of_several_runs_pool_seed_by_seed(tmp_path):
+    speed = _speed_module()
+    setup = {key: f"same {key}" for key in speed._SETUP} | {"date": "2026-12-07", "our_precision": "auto"}
+
+    def part(methods, **more):
+        return {**setup, "methods": methods, **more}
+    recipe = {"baseline": {**_quality_run(speed, 0, 4.61, 6.4, 8.1),
+                           "other_seeds": [_quality_run(speed, 1, 4.59, 6.6, 8.0)]}}
+    timed = {"baseline": {"tokens_per_s": 141, "valid_loss": 4.6102, "test_scores": {"rougeL": 6.4, "mean_len": 2.0},
+                          "other_seeds": [{"seed": 1, "valid_loss": 4.59, "test_scores": {"rougeL": 6.6}}]},
+             "ours_equal": {"tokens_per_s": 372, "valid_loss": 4.65, "test_scores": {"rougeL": 3.4}}}
+    later = {"baseline": {**_quality_run(speed, 3, 4.50, 7.0, 7.2)},
+             "ours_equal": {"seed": 3, "valid_loss": 4.55, "test_scores": {"rougeL": 8.0},
+                            "other_seeds": [{"seed": 4, "valid_loss": 4.52, "test_scores": {"rougeL": 7.0}}]}}
+    pooled = speed.pool_seeds([part({"p_tuning": recipe}), part({"p_tuning": timed}),
+                               part({"p_tuning": later}, date="2026-12-08", quality_prompts=100)],
+                              ["a/q.json", "t.json", "later.json"])
+    row = pooled["methods"]["p_tuning"]
+    assert [r["seed"] for r in speed._seed_runs(row["baseline"])] == [0, 1, 3]
+    assert [r["seed"] for r in speed._seed_runs(row["ours_equal"])] == [0, 3, 4]
+    first = row["baseline"]
+    # seed 0 was trained in two runs: the mended scores of one and the other's are joined, the speed is not kept
+    assert first[speed.MENDED_SCORES]["rougeL"] == 8.1 and "tokens_per_s" not in first
+    assert first["from"] == "q.json + t.json" and row["ours_equal"]["from"] == "t.json"
+    assert pooled["date"] == "2026-12-08" and pooled["quality_prompts"] == 100 and "only" in pooled
+    assert speed.markdown_table(pooled).splitlines()[2].startswith("| p_tuning | the recipe | 0, 1, 3 | 4.567 ")
+
+    with pytest.raises(ValueError, match=r"t.json: p_tuning, baseline, seed 1: validation loss 4.7 against 4.59"):
+        speed.pool_seeds([part({"p_tuning": recipe}), part({"p_tuning": {"baseline": {
+            **_quality_run(speed, 1, 4.7, 6.6)}}})], ["q.json", "t.json"])
+    with pytest.raises(ValueError, match="b.json: measured with another weights"):
+        speed.pool_seeds([part({}), part({}, weights="other")], ["a.json", "b.json"])
+    with pytest.raises(ValueError, match="b.json: measured with another quality_prompts"):
+        speed.pool_seeds([part({}, quality_prompts=32), part({}, quality_prompts=100)], ["a.json", "b.json"])
+    with pytest.raises(ValueError, match="b.json: ours at --precision fp32 --our-batches equal-tokens, but a.json at "
+                                         "--precision auto --our-batches equal-tokens"):
+        speed.pool_seeds([part({"p_tuning": timed}), part({"p_tuning": later}, our_precision="fp32")],
+                         ["a.json", "b.json"])
+    # another grouping of ours into steps is another training too; its table says which
+    steps = speed.pool_seeds([part({"p_tuning": {"ours_equal": later["ours_equal"]}}, our_batches="recipe-steps")],
+                             ["s.json"])
+    assert "| ours (the recipe's steps) | 3, 4 |" in speed.markdown_table(steps)
+    with pytest.raises(ValueError, match="b.json: ours at --precision auto --our-batches recipe-steps"):
+        speed.pool_seeds([part({"p_tuning": timed}), part({"p_tuning": later}, our_batches="recipe-steps")],
+                         ["a.json", "b.json"])
+    # the recipe alone may come from a run whose own precision setting differs: it has no side of ours
+    speed.pool_seeds([part({"p_tuning": timed}), part({"p_tuning": recipe}, our_precision="fp32")],
+                     ["a.json", "b.json"])
 
 
 class _FakeRecipe:
     """The recipe's interface as speed.py calls it; its replies say whether the model's generation was mended."""
+
+    INSTR = {"dialogue": "Reply to the message:\n"}
 
     def __init__(self, peft_config):
         self.peft_config, self.seeds = peft_config, []
@@ -139,7 +211,7 @@ class _FakeRecipe:
         return self.peft_config
 
     def train(self, model, tok, data, bs, steps=None):
-        self.seeds.append(self.TrainingArguments().get("seed", 0))
+        self.seeds.append(self.TrainingArguments(warmup_steps=1, lr_scheduler_type="constant").get("seed", 0))
         return None, 0.0, None
 
     def generate(self, model, tok, task, rows):
@@ -157,18 +229,43 @@ def test_a_soft_prompt_recipes_weights_are_scored_as_written_and_with_our_genera
     speed = _speed_module()
     monkeypatch.setattr(speed, "answer_loss", lambda *args: 4.25)
     rows = [{"src": "how are you", "trg": "fine thanks"}, {"src": "hello there", "trg": "hi how are you"}]
-    args = type("Args", (), {"quality_seeds": 2})()
     p_tuning = _FakeRecipe(PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8))
-    row = speed.recipe_quality_seeds(p_tuning, "p_tuning", args, tiny_models["llama"], None, [], [], rows,
+    row = speed.recipe_quality_seeds(p_tuning, "p_tuning", [0, 1, 2], tiny_models["llama"], None, [], [], rows,
                                      torch.device("cpu"), 2, 3)
-    assert p_tuning.seeds == [0, 1, 2]
+    assert p_tuning.seeds == [0, 1, 2]  # seed 0: as written (no seed of its own, the fake's 0)
     assert row["test_scores"]["rougeL"] == 0.0 and row[speed.MENDED_SCORES]["rougeL"] == 100.0
     assert [seed[speed.MENDED_SCORES]["rougeL"] for seed in row["other_seeds"]] == [100.0, 100.0]
     assert "tokens_per_s" not in row and row["valid_loss"] == 4.25
     lora = _FakeRecipe(LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
-    row = speed.recipe_quality_seeds(lora, "lora", type("Args", (), {"quality_seeds": 0})(), tiny_models["llama"],
-                                     None, [], [], rows, torch.device("cpu"), 2, 3)
+    row = speed.recipe_quality_seeds(lora, "lora", [5], tiny_models["llama"], None, [], [], rows,
+                                     torch.device("cpu"), 2, 3)
     assert speed.MENDED_SCORES not in row and "other_seeds" not in row  # nothing of LoRA's generation is mended
+    assert lora.seeds == [5] and row["seed"] == 5  # a later run's first seed (--first-seed)
+
+
+def test_our_side_of_the_quality_check_trains_once_per_seed_and_is_decoded_with_our_mends(tiny_models, tiny_data,
+                                                                                          tmp_path):
+    import torch
+    from peft import PromptEncoderConfig
+
+    from peft_nlg.data.io import read_pairs
+    speed = _speed_module()
+    recipe = _FakeRecipe(PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8))
+    args = type("Args", (), {"valid_examples": 3, "precision": "fp32"})()
+    common = speed._our_settings(recipe, "p_tuning", tiny_models["llama"], tiny_data, args)
+    rows = read_pairs(tiny_data / "dialogue" / "valid.jsonl")
+    side = speed.ours_equal_budget_seeds(recipe, "p_tuning", [2, 3], common, tiny_data, tmp_path, 64, 2, rows, rows,
+                                         torch.device("cpu"), None)
+    again = side["other_seeds"][0]
+    assert (side["seed"], again["seed"], side["dtype"]) == (2, 3, "float32")
+    assert "tokens_per_s" in side and "tokens_per_s" not in again  # the speed at equal tokens per step: once
+    assert side["valid_loss"] != again["valid_loss"]  # another seed, another training
+    # our weights are loaded as test mode loads them: the recipe's generate sees the mended model
+    assert side["test_scores_recipe_decoding"]["rougeL"] == again["test_scores_recipe_decoding"]["rougeL"] == 100.0
+    # in the recipe's steps: its batch size (2 here) a step, so as many optimizer steps as it takes
+    side = speed.ours_equal_budget_seeds(recipe, "p_tuning", [0], common, tiny_data, tmp_path / "steps", 64, 2, rows,
+                                         rows, torch.device("cpu"), None, "recipe-steps")
+    assert side["steps"] == math.ceil(len(read_pairs(tiny_data / "dialogue" / "train.jsonl")) / 2)
 
 
 def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
