@@ -795,7 +795,7 @@ def quality_table(results: dict) -> str:
                 if MENDED_SCORES not in run:  # nothing of the method's generation is mended: one decoding
                     alike = "test_scores"
             else:
-                how = [run["dtype"]] if "dtype" in run else []
+                how = sorted({r["dtype"] for r in runs if "dtype" in r})  # files before the 40th session: none
                 if results.get("our_batches") == "recipe-steps":
                     how.append("the recipe's steps")
                 who = f"ours ({', '.join(how)})" if how else "ours"
