@@ -192,20 +192,15 @@ def main() -> int:
     if args.render:
         print(markdown_table(json.loads(Path(args.render).read_text())))
         return 0
-    if args.pool:
-        if not args.out:
-            ap.error("--pool needs --out")
-        pooled = pool_seeds([json.loads(Path(path).read_text()) for path in args.pool], args.pool)
-        write_json(Path(args.out), pooled)
-        print(markdown_table(pooled))
-        return 0
-    if args.merge:
-        if not args.out:
-            ap.error("--merge needs --out")
-        merged = merge_results([json.loads(Path(path).read_text()) for path in args.merge], args.merge)
-        write_json(Path(args.out), merged)
-        print(markdown_table(merged))
-        return 0
+    for option, join in (("pool", pool_seeds), ("merge", merge_results)):  # one file from several, and exit
+        paths = getattr(args, option)
+        if paths:
+            if not args.out:
+                ap.error(f"--{option} needs --out")
+            joined = join([json.loads(Path(path).read_text()) for path in paths], paths)
+            write_json(Path(args.out), joined)
+            print(markdown_table(joined))
+            return 0
     if not (args.arch_dir or args.init_dir) or not args.out:
         ap.error("--arch-dir (or --init-dir) and --out are required")
     if args.init_dir and args.layers:
