@@ -268,8 +268,8 @@ def main() -> int:
                "quality_prompts": args.quality_prompts, "valid_examples": args.valid_examples,
                "our_batches": args.our_batches, "methods": {}}
     seeds = list(range(args.first_seed, args.first_seed + args.quality_seeds + 1))
-    quality_rows = test_rows[: args.quality_prompts]
     if args.quality_only:
+        quality_rows = test_rows[: args.quality_prompts]
         results["only"] = f"the quality check, {QUALITY_SIDES[args.quality_only]} (--quality-only)"
         for name in args.methods.split(","):
             row = results["methods"][name] = {}
@@ -818,10 +818,7 @@ def _mean_spread(values: list[float | None], decimals: int) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    mean = f"{sum(values) / len(values):.{decimals}f}"
-    if len(values) < 2:
-        return mean
-    return f"{mean} ({min(values):.{decimals}f}–{max(values):.{decimals}f}, {len(values)} seeds)"
+    return f"{sum(values) / len(values):.{decimals}f}{_spread(values, decimals)}"
 
 
 def _profile(run: RunConfig, run_dir: Path, args, name: str, variant: str) -> str:
@@ -895,7 +892,12 @@ def _valid_cell(base: dict, ours: dict) -> str:
 
 def _seed_spread(run: dict, value, decimals: int) -> str:
     """' (lowest–highest of N seeds)' where a recipe trained with other seeds too, else nothing."""
-    values = [v for v in map(value, [run, *run.get("other_seeds", [])]) if v is not None]
+    return _spread([value(seed_run) for seed_run in _seed_runs(run)], decimals)
+
+
+def _spread(values: list[float | None], decimals: int) -> str:
+    """' (lowest–highest, N seeds)' of the values given (None: a seed without one), where there are two or more."""
+    values = [v for v in values if v is not None]
     if len(values) < 2:
         return ""
     return f" ({min(values):.{decimals}f}–{max(values):.{decimals}f}, {len(values)} seeds)"
