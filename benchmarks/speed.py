@@ -41,9 +41,11 @@ import functools
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -782,7 +784,9 @@ def quality_table(results: dict) -> str:
     lines = ["| method | trained by | seeds | valid loss, fp32 evaluation | test ROUGE-L, decoded alike (the recipe's "
              "generate, our mends) | reply length (words) | test ROUGE-L, each side's own decoding "
              "| reply length (words) |", "|" + "---|" * 8]
+    differences = []
     for name, row in results["methods"].items():
+        compared = {}  # side: (validation losses, ROUGE-L decoded alike), one value per seed
         for side, run in row.items():
             runs = _seed_runs(run)
             if side == "baseline":
@@ -795,14 +799,41 @@ def quality_table(results: dict) -> str:
                     how.append("the recipe's steps")
                 who = f"ours ({', '.join(how)})" if how else "ours"
                 loss, alike, own = "valid_loss_recipe_evaluation", "test_scores_recipe_decoding", "test_scores"
+            compared[side] = ([r.get(loss) for r in runs], [r.get(alike, {}).get("rougeL") for r in runs])
             lines.append(" | ".join([
                 f"| {name}", who, _seed_list([r["seed"] for r in runs]),
-                _mean_spread([r.get(loss) for r in runs], 3),
-                _mean_spread([r.get(alike, {}).get("rougeL") for r in runs], 2),
+                _mean_spread(compared[side][0], 3),
+                _mean_spread(compared[side][1], 2),
                 _mean_spread([r.get(alike, {}).get("mean_len") for r in runs], 1),
                 _mean_spread([r.get(own, {}).get("rougeL") for r in runs], 2),
                 _mean_spread([r.get(own, {}).get("mean_len") for r in runs], 1)]) + " |")
-    return "\n".join(lines)
+        if len(compared) == 2:
+            differences += _seed_differences(name, compared["ours_equal"], compared["baseline"])
+    return "\n".join(lines + ([""] + differences if differences else []))
+
+
+def _seed_differences(name: str, ours: tuple[list, list], recipe: tuple[list, list]) -> list[str]:
+    """Under a quality-only table, for a method with both sides: ours' mean minus the recipe's, for the two columns
+    that compare the trainings alone, with its standard error from both sides' seed-to-seed spreads (Welch's, as
+    the sides' spreads need not be alike) and the difference in those standard errors. It says how far apart the
+    means are against run-to-run noise; it is no proof of sameness."""
+    lines = []
+    for column, ours_values, recipe_values, decimals in (("valid loss, fp32 evaluation", ours[0], recipe[0], 3),
+                                                         ("test ROUGE-L, decoded alike", ours[1], recipe[1], 2)):
+        ours_values = [v for v in ours_values if v is not None]
+        recipe_values = [v for v in recipe_values if v is not None]
+        if len(ours_values) < 2 or len(recipe_values) < 2:
+            continue
+        mean_ours, mean_recipe = statistics.fmean(ours_values), statistics.fmean(recipe_values)
+        sd_ours, sd_recipe = statistics.stdev(ours_values), statistics.stdev(recipe_values)
+        error = math.sqrt(sd_ours ** 2 / len(ours_values) + sd_recipe ** 2 / len(recipe_values))
+        difference = mean_ours - mean_recipe
+        in_errors = f"{abs(difference) / error:.1f}" if error else "–"
+        lines.append(f"- {name}, {column}: ours {mean_ours:.{decimals}f} ± {sd_ours:.{decimals}f} "
+                     f"({len(ours_values)} seeds), the recipe {mean_recipe:.{decimals}f} ± {sd_recipe:.{decimals}f} "
+                     f"({len(recipe_values)} seeds), mean ± sd; ours − the recipe {difference:+.{decimals}f}, "
+                     f"standard error {error:.{decimals}f} ({in_errors} standard errors)")
+    return lines
 
 
 def _seed_list(seeds: list[int]) -> str:

@@ -109,11 +109,20 @@ QUALITY_ONLY = sorted((ROOT / "benchmarks" / "results" / "quality").glob("*.json
 @pytest.mark.parametrize("path", QUALITY_ONLY, ids=[p.name for p in QUALITY_ONLY])
 def test_every_committed_quality_run_renders_one_row_per_method_and_side(path):
     results = json.loads(path.read_text())
-    lines = _speed_module().markdown_table(results).splitlines()
+    table, _, differences = _speed_module().markdown_table(results).partition("\n\n")
+    lines = table.splitlines()
     sides = [(f"| {name}", "the recipe" if side == "baseline" else "ours")
              for name, row in results["methods"].items() for side in row]
     assert [(line.split(" | ")[0], line.split(" | ")[1].split(" (")[0]) for line in lines[2:]] == sides
     assert all(line.count("|") == 9 for line in lines)
+    # under the table, two lines (loss, ROUGE-L) for each method trained by both sides with two seeds or more
+    both = [name for name, row in results["methods"].items()
+            if min(len(_seed_runs_of(row, side)) for side in ("baseline", "ours_equal")) > 1]
+    assert [line.split(",")[0] for line in differences.splitlines()] == [f"- {name}" for name in both for _ in "lr"]
+
+
+def _seed_runs_of(row: dict, side: str) -> list:
+    return [] if side not in row else [row[side], *row[side].get("other_seeds", [])]
 
 
 def _quality_run(speed, seed, loss, own, alike=None, **more):
@@ -138,7 +147,7 @@ def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_
                                             "test_scores": {"rougeL": 7.0, "mean_len": 30.0},
                                             "test_scores_recipe_decoding": {"error": "RuntimeError"}}]}},
         "ia3": {"baseline": {"valid_loss": 4.2, "test_scores": {"error": "RuntimeError"}}}}}
-    recipe, ours, ia3 = speed.markdown_table(results).splitlines()[2:]
+    recipe, ours, ia3, blank, loss_difference = speed.markdown_table(results).splitlines()[2:]
     assert recipe == ("| p_tuning | the recipe | 0, 1 | 4.565 (4.513–4.616, 2 seeds) | 7.80 (7.50–8.10, 2 seeds) "
                       "| 30.0 (30.0–30.0, 2 seeds) | 6.89 (6.36–7.42, 2 seeds) | 2.0 (2.0–2.0, 2 seeds) |")
     # the loss as the recipe evaluates (fp32), and a failed decoding counts for no seed
@@ -146,6 +155,11 @@ def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_
                     "| 6.00 (5.00–7.00, 2 seeds) | 25.0 (20.0–30.0, 2 seeds) |")
     # nothing of IA3's generation is mended: its one decoding is the alike one, and the first run is seed 0
     assert ia3 == "| ia3 | the recipe | 0 | 4.200 | – | – | – | – |"
+    # under the table the difference of the means against both sides' seed-to-seed spread (Welch's standard
+    # error); ROUGE-L has no line, since ours has one decoded seed only
+    assert (blank, loss_difference) == ("", "- p_tuning, valid loss, fp32 evaluation: ours 4.600 ± 0.141 (2 seeds), "
+                                            "the recipe 4.565 ± 0.073 (2 seeds), mean ± sd; ours − the recipe "
+                                            "+0.035, standard error 0.113 (0.3 standard errors)")
 
 
 def test_quality_checks_of_several_runs_pool_seed_by_seed(tmp_path):
