@@ -120,6 +120,8 @@ def answer_loss(model, tokenizer, features, dev) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--render", help="print the markdown table of an existing results JSON and exit")
+    ap.add_argument("--by-seed", action="store_true",
+                    help="with --render of a quality-only file: also each seed's validation loss and ROUGE-L")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="join results of the same setup measured in several calls (other methods each) into "
                          "--out, and exit")
@@ -192,7 +194,12 @@ def main() -> int:
                          "(the setting before 2026-11-27), to measure what excluding it buys")
     args = ap.parse_args()
     if args.render:
-        print(markdown_table(json.loads(Path(args.render).read_text())))
+        results = json.loads(Path(args.render).read_text())
+        print(markdown_table(results))
+        if args.by_seed:
+            if "only" not in results:
+                ap.error("--by-seed needs a quality-only file (--quality-only, --pool)")
+            print("\n" + seed_table(results))
         return 0
     for option, join in (("pool", pool_seeds), ("merge", merge_results)):  # one file from several, and exit
         paths = getattr(args, option)
@@ -789,16 +796,7 @@ def quality_table(results: dict) -> str:
         compared = {}  # side: (validation losses, ROUGE-L decoded alike), one value per seed
         for side, run in row.items():
             runs = _seed_runs(run)
-            if side == "baseline":
-                who, loss, alike, own = "the recipe", "valid_loss", MENDED_SCORES, "test_scores"
-                if MENDED_SCORES not in run:  # nothing of the method's generation is mended: one decoding
-                    alike = "test_scores"
-            else:
-                how = sorted({r["dtype"] for r in runs if "dtype" in r})  # files before the 40th session: none
-                if results.get("our_batches") == "recipe-steps":
-                    how.append("the recipe's steps")
-                who = f"ours ({', '.join(how)})" if how else "ours"
-                loss, alike, own = "valid_loss_recipe_evaluation", "test_scores_recipe_decoding", "test_scores"
+            who, loss, alike, own = _side_columns(results, side, run)
             compared[side] = ([r.get(loss) for r in runs], [r.get(alike, {}).get("rougeL") for r in runs])
             lines.append(" | ".join([
                 f"| {name}", who, _seed_list([r["seed"] for r in runs]),
@@ -810,6 +808,41 @@ def quality_table(results: dict) -> str:
         if len(compared) == 2:
             differences += _seed_differences(name, compared["ours_equal"], compared["baseline"])
     return "\n".join(lines + ([""] + differences if differences else []))
+
+
+def _side_columns(results: dict, side: str, run: dict) -> tuple[str, str, str, str]:
+    """Who trained a side of a quality-only file, and the keys of its validation loss as the recipe evaluates
+    (fp32 weights), of its test scores decoded alike (the recipe's generate, our mends), and of its own decoding's."""
+    if side == "baseline":
+        # where nothing of the method's generation is mended, the recipe's one decoding is the alike one
+        return "the recipe", "valid_loss", MENDED_SCORES if MENDED_SCORES in run else "test_scores", "test_scores"
+    how = sorted({r["dtype"] for r in _seed_runs(run) if "dtype" in r})  # files before the 40th session: none
+    if results.get("our_batches") == "recipe-steps":
+        how.append("the recipe's steps")
+    who = f"ours ({', '.join(how)})" if how else "ours"
+    return who, "valid_loss_recipe_evaluation", "test_scores_recipe_decoding", "test_scores"
+
+
+def seed_table(results: dict) -> str:
+    """Seed by seed (--render --by-seed), for a quality-only file: per method, the validation loss as the recipe
+    evaluates and ROUGE-L decoded alike of every seed of each side, with the side's mean ± standard deviation."""
+    blocks = []
+    for name, row in results["methods"].items():
+        by_side = {side: {r["seed"]: r for r in _seed_runs(run)} for side, run in row.items()}
+        seeds = sorted(set().union(*by_side.values()))
+        lines = [f"| {name} | " + " | ".join(map(str, seeds)) + " | mean ± sd |", "|" + "---|" * (len(seeds) + 2)]
+        for side, runs in by_side.items():
+            who, loss, alike, _ = _side_columns(results, side, row[side])
+            for what, values, decimals in (
+                    ("valid loss", {seed: r.get(loss) for seed, r in runs.items()}, 3),
+                    ("ROUGE-L", {seed: r.get(alike, {}).get("rougeL") for seed, r in runs.items()}, 2)):
+                known = [v for v in values.values() if v is not None]
+                cells = ["–" if values.get(seed) is None else f"{values[seed]:.{decimals}f}" for seed in seeds]
+                spread = (f"{statistics.fmean(known):.{decimals}f} ± {statistics.stdev(known):.{decimals}f}"
+                          if len(known) > 1 else "–")
+                lines.append(f"| {who}, {what} | " + " | ".join(cells) + f" | {spread} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _seed_differences(name: str, ours: tuple[list, list], recipe: tuple[list, list]) -> list[str]:

@@ -119,6 +119,9 @@ def test_every_committed_quality_run_renders_one_row_per_method_and_side(path):
     both = [name for name, row in results["methods"].items()
             if min(len(_seed_runs_of(row, side)) for side in ("baseline", "ours_equal")) > 1]
     assert [line.split(",")[0] for line in differences.splitlines()] == [f"- {name}" for name in both for _ in "lr"]
+    # seed by seed: per method a header, a rule, and two rows (loss, ROUGE-L) per side
+    blocks = _speed_module().seed_table(results).split("\n\n")
+    assert [len(block.splitlines()) for block in blocks] == [2 + 2 * len(row) for row in results["methods"].values()]
 
 
 def _seed_runs_of(row: dict, side: str) -> list:
@@ -133,9 +136,10 @@ def _quality_run(speed, seed, loss, own, alike=None, **more):
     return run
 
 
-def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_and_its_own_way():
-    speed = _speed_module()
-    results = {"only": "the quality check", "methods": {
+def _quality_only_results(speed) -> dict:
+    """A quality-only file: P-tuning, both sides with two seeds each (one of ours failed to decode); IA3, the
+    recipe's seed 0 alone, failed to decode."""
+    return {"only": "the quality check", "methods": {
         "p_tuning": {
             "baseline": {**_quality_run(speed, 0, 4.6164, 6.36, 8.1),
                          "other_seeds": [_quality_run(speed, 1, 4.5133, 7.42, 7.5)]},
@@ -147,7 +151,11 @@ def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_
                                             "test_scores": {"rougeL": 7.0, "mean_len": 30.0},
                                             "test_scores_recipe_decoding": {"error": "RuntimeError"}}]}},
         "ia3": {"baseline": {"valid_loss": 4.2, "test_scores": {"error": "RuntimeError"}}}}}
-    recipe, ours, ia3, blank, loss_difference = speed.markdown_table(results).splitlines()[2:]
+
+
+def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_and_its_own_way():
+    speed = _speed_module()
+    recipe, ours, ia3, blank, loss_difference = speed.markdown_table(_quality_only_results(speed)).splitlines()[2:]
     assert recipe == ("| p_tuning | the recipe | 0, 1 | 4.565 (4.513–4.616, 2 seeds) | 7.80 (7.50–8.10, 2 seeds) "
                       "| 30.0 (30.0–30.0, 2 seeds) | 6.89 (6.36–7.42, 2 seeds) | 2.0 (2.0–2.0, 2 seeds) |")
     # the loss as the recipe evaluates (fp32), and a failed decoding counts for no seed
@@ -160,6 +168,21 @@ def test_a_quality_run_renders_each_side_as_the_mean_of_its_seeds_decoded_alike_
     assert (blank, loss_difference) == ("", "- p_tuning, valid loss, fp32 evaluation: ours 4.600 ± 0.141 (2 seeds), "
                                             "the recipe 4.565 ± 0.073 (2 seeds), mean ± sd; ours − the recipe "
                                             "+0.035, standard error 0.113 (0.3 standard errors)")
+
+
+def test_a_quality_run_renders_seed_by_seed_with_each_sides_mean_and_spread():
+    speed = _speed_module()
+    assert speed.seed_table(_quality_only_results(speed)).split("\n\n") == [
+        "| p_tuning | 0 | 1 | 3 | 5 | mean ± sd |\n"
+        "|---|---|---|---|---|---|\n"
+        "| the recipe, valid loss | 4.616 | 4.513 | – | – | 4.565 ± 0.073 |\n"
+        "| the recipe, ROUGE-L | 8.10 | 7.50 | – | – | 7.80 ± 0.42 |\n"
+        "| ours (bfloat16), valid loss | – | – | 4.500 | 4.700 | 4.600 ± 0.141 |\n"
+        "| ours (bfloat16), ROUGE-L | – | – | 6.00 | – | – |",
+        "| ia3 | 0 | mean ± sd |\n"
+        "|---|---|---|\n"
+        "| the recipe, valid loss | 4.200 | – |\n"
+        "| the recipe, ROUGE-L | – | – |"]
 
 
 def test_quality_checks_of_several_runs_pool_seed_by_seed(tmp_path):
