@@ -848,8 +848,8 @@ def seed_table(results: dict) -> str:
 def _seed_differences(name: str, ours: tuple[list, list], recipe: tuple[list, list]) -> list[str]:
     """Under a quality-only table, for a method with both sides: ours' mean minus the recipe's, for the two columns
     that compare the trainings alone, with its standard error from both sides' seed-to-seed spreads (Welch's, as
-    the sides' spreads need not be alike) and the difference in those standard errors. It says how far apart the
-    means are against run-to-run noise; it is no proof of sameness."""
+    the sides' spreads need not be alike) and how many of those standard errors the gap is. It says how far apart
+    the means are against run-to-run noise; it is no proof of sameness."""
     lines = []
     for column, ours_values, recipe_values, decimals in (("valid loss, fp32 evaluation", ours[0], recipe[0], 3),
                                                          ("test ROUGE-L, decoded alike", ours[1], recipe[1], 2)):
