@@ -348,7 +348,6 @@ def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, b
                  equal_tokens_per_step) -> dict:
     on_gpu = dev.type == "cuda"
     row = {}
-    lr = RECIPE_LEARNING_RATE
     method = get_method(name)
     common = _our_settings(B, name, init_dir, bench_data, args)
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
@@ -424,7 +423,7 @@ def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, b
 
     # --- ours at the device's default batch: the speed a user gets
     default = build_config({**common, "output_dir": str(work / name / "default"), "max_steps": our_steps,
-                            "learning_rate": lr, "eval_every": 10**9, "max_valid_examples": 8})
+                            "learning_rate": RECIPE_LEARNING_RATE, "eval_every": 10**9, "max_valid_examples": 8})
     reset_peak_memory(dev)
     record = train(default)
     row_loss = record["history"][-1]["train_loss"]
@@ -796,7 +795,7 @@ def quality_table(results: dict) -> str:
         compared = {}  # side: (validation losses, ROUGE-L decoded alike), one value per seed
         for side, run in row.items():
             runs = _seed_runs(run)
-            who, loss, alike, own = _side_columns(results, side, run)
+            who, loss, alike, own = _side_columns(results, side, runs)
             compared[side] = ([r.get(loss) for r in runs], [r.get(alike, {}).get("rougeL") for r in runs])
             lines.append(" | ".join([
                 f"| {name}", who, _seed_list([r["seed"] for r in runs]),
@@ -810,13 +809,14 @@ def quality_table(results: dict) -> str:
     return "\n".join(lines + ([""] + differences if differences else []))
 
 
-def _side_columns(results: dict, side: str, run: dict) -> tuple[str, str, str, str]:
-    """Who trained a side of a quality-only file, and the keys of its validation loss as the recipe evaluates
-    (fp32 weights), of its test scores decoded alike (the recipe's generate, our mends), and of its own decoding's."""
+def _side_columns(results: dict, side: str, runs: list[dict]) -> tuple[str, str, str, str]:
+    """Who trained a side of a quality-only file (its runs, ``_seed_runs``), and the keys of its validation loss as
+    the recipe evaluates (fp32 weights), of its test scores decoded alike (the recipe's generate, our mends), and of
+    its own decoding's."""
     if side == "baseline":
         # where nothing of the method's generation is mended, the recipe's one decoding is the alike one
-        return "the recipe", "valid_loss", MENDED_SCORES if MENDED_SCORES in run else "test_scores", "test_scores"
-    how = sorted({r["dtype"] for r in _seed_runs(run) if "dtype" in r})  # files before the 40th session: none
+        return "the recipe", "valid_loss", MENDED_SCORES if MENDED_SCORES in runs[0] else "test_scores", "test_scores"
+    how = sorted({r["dtype"] for r in runs if "dtype" in r})  # files before the 40th session: none
     if results.get("our_batches") == "recipe-steps":
         how.append("the recipe's steps")
     who = f"ours ({', '.join(how)})" if how else "ours"
@@ -832,7 +832,7 @@ def seed_table(results: dict) -> str:
         seeds = sorted(set().union(*by_side.values()))
         lines = [f"| {name} | " + " | ".join(map(str, seeds)) + " | mean ± sd |", "|" + "---|" * (len(seeds) + 2)]
         for side, runs in by_side.items():
-            who, loss, alike, _ = _side_columns(results, side, row[side])
+            who, loss, alike, _ = _side_columns(results, side, list(runs.values()))
             for what, values, decimals in (
                     ("valid loss", {seed: r.get(loss) for seed, r in runs.items()}, 3),
                     ("ROUGE-L", {seed: r.get(alike, {}).get("rougeL") for seed, r in runs.items()}, 2)):
