@@ -117,15 +117,11 @@ def test_every_committed_quality_run_renders_one_row_per_method_and_side(path):
     assert all(line.count("|") == 9 for line in lines)
     # under the table, two lines (loss, ROUGE-L) for each method trained by both sides with two seeds or more
     both = [name for name, row in results["methods"].items()
-            if min(len(_seed_runs_of(row, side)) for side in ("baseline", "ours_equal")) > 1]
+            if all(row.get(side, {}).get("other_seeds") for side in ("baseline", "ours_equal"))]
     assert [line.split(",")[0] for line in differences.splitlines()] == [f"- {name}" for name in both for _ in "lr"]
     # seed by seed: per method a header, a rule, and two rows (loss, ROUGE-L) per side
     blocks = _speed_module().seed_table(results).split("\n\n")
     assert [len(block.splitlines()) for block in blocks] == [2 + 2 * len(row) for row in results["methods"].values()]
-
-
-def _seed_runs_of(row: dict, side: str) -> list:
-    return [] if side not in row else [row[side], *row[side].get("other_seeds", [])]
 
 
 def _quality_run(speed, seed, loss, own, alike=None, **more):
