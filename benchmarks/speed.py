@@ -78,6 +78,8 @@ METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
 # the methods whose generation the recipe times (its part "arch"); the others it trains only
 RECIPE_TIMES_GENERATION = ("none", "lora")
 # --quality-only's choices: whose training it repeats
+# what a --generation-only results file measured (its "only")
+GENERATION_ONLY = "generation speed (--generation-only)"
 QUALITY_SIDES = {"recipe": "the recipe's side", "ours": "our side", "both": "both sides"}
 
 
@@ -166,6 +168,10 @@ def main() -> int:
                          "--first-seed and --quality-seeds more seeds, and write the quality check: validation "
                          "loss, test scores by each side's own decoding and by the recipe's generate with our "
                          "generation mends where the method has any")
+    ap.add_argument("--generation-only", action="store_true",
+                    help="no training: time only the generation (ours' greedy and beam with the method's untrained "
+                         "adapter, and the recipe's greedy generate where it times one), e.g. after a change to "
+                         "generation alone")
     ap.add_argument("--recipe-quality-only", dest="quality_only", action="store_const", const="recipe",
                     help="the same as --quality-only recipe")
     ap.add_argument("--first-seed", type=int, default=0,
@@ -214,6 +220,8 @@ def main() -> int:
         ap.error("--arch-dir (or --init-dir) and --out are required")
     if args.init_dir and args.layers:
         ap.error("--layers changes the architecture: it needs a random initialisation (--arch-dir)")
+    if args.generation_only and args.quality_only:
+        ap.error("--generation-only and --quality-only exclude each other: one times generation, one trains")
     if args.first_seed and not args.quality_only:
         ap.error("--first-seed needs --quality-only: the timed run is seed 0's")
     if args.our_batches != "equal-tokens" and not args.quality_only:
@@ -293,6 +301,17 @@ def main() -> int:
             write_json(Path(args.out), results)
         print(markdown_table(results))
         return 0
+    if args.generation_only:
+        results["only"] = GENERATION_ONLY
+        for name in args.methods.split(","):
+            row, recipe_generation = bench_generation(name, B, args, _our_settings(B, name, init_dir, bench_data, args),
+                                                      init_dir, base_tok, test_rows, work, dev, n_gen, n_base_gen)
+            results["methods"][name] = {**row, "baseline": recipe_generation, **_generation_speedup(row,
+                                                                                                   recipe_generation)}
+            print(json.dumps({name: results["methods"][name]}), flush=True)
+            write_json(Path(args.out), results)
+        print(markdown_table(results))
+        return 0
     for name in args.methods.split(","):
         try:
             row = bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, base_valid,
@@ -343,13 +362,12 @@ OUR_BATCHES = {
 }
 
 
-def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, base_valid, valid_rows, test_rows,
-                 bench_data, recipe_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen, real_per_example,
-                 equal_tokens_per_step) -> dict:
+def bench_generation(name, B, args, common: dict, init_dir, base_tok, test_rows, work, dev, n_gen, n_base_gen
+                     ) -> tuple[dict, dict]:
+    """Our greedy and beam generation with the method's untrained adapter attached, and the recipe's greedy
+    generate where it times one; returns the method's row so far and the recipe's generation rate."""
     on_gpu = dev.type == "cuda"
     row = {}
-    method = get_method(name)
-    common = _our_settings(B, name, init_dir, bench_data, args)
     # --- generation speed on the untrained model with the method attached: equal work for both recipes,
     # since a random model almost never emits EOS and every prompt runs to the new-token limit. Timed before
     # any training in the process: after the trainings, the recipe's LoRA generation (which casts every frozen
@@ -410,7 +428,17 @@ def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, b
     row["ours_gen_beam"] = timed_generation(dataclasses.replace(greedy, search="beam"), prompts[:args.beam_prompts])
     loaded = None  # its memory, before the trainings
     torch.cuda.empty_cache() if on_gpu else None
+    return row, recipe_generation
 
+
+def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, base_valid, valid_rows, test_rows,
+                 bench_data, recipe_data, work, dev, bs, base_steps, our_steps, n_gen, n_base_gen, real_per_example,
+                 equal_tokens_per_step) -> dict:
+    on_gpu = dev.type == "cuda"
+    method = get_method(name)
+    common = _our_settings(B, name, init_dir, bench_data, args)
+    row, recipe_generation = bench_generation(name, B, args, common, init_dir, base_tok, test_rows, work, dev,
+                                              n_gen, n_base_gen)
     # --- baseline: the reference recipe as written
     quality_rows = test_rows[: args.quality_prompts]
     row["baseline"] = recipe_quality_seeds(B, name, seeds, init_dir, base_tok, base_train, base_valid, quality_rows,
@@ -470,10 +498,15 @@ def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, b
     row["train_speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
     row["train_speedup_equal_tokens_per_step"] = round(
         row["ours_equal"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
-    if "gen_tokens_per_s" in row["baseline"]:
-        row["gen_speedup_greedy"] = round(
-            row["ours_gen_greedy"]["new_tokens_per_s"] / row["baseline"]["gen_tokens_per_s"], 2)
+    row.update(_generation_speedup(row, row["baseline"]))
     return row
+
+
+def _generation_speedup(row: dict, recipe_generation: dict) -> dict:
+    if "gen_tokens_per_s" not in recipe_generation:  # the recipe times generation for some methods only
+        return {}
+    return {"gen_speedup_greedy": round(row["ours_gen_greedy"]["new_tokens_per_s"]
+                                        / recipe_generation["gen_tokens_per_s"], 2)}
 
 
 def recipe_quality_seeds(B, name: str, seeds: list[int], init_dir: Path, base_tok, base_train: list[dict],
@@ -748,6 +781,8 @@ def _baseline_like_options(name: str) -> dict:
 
 def markdown_table(results: dict) -> str:
     """The docs/benchmarks.md table, generated from a results JSON (never typed by hand)."""
+    if results.get("only") == GENERATION_ONLY:
+        return generation_table(results)
     if "only" in results:
         return quality_table(results)
     compiled = any("compile_speedup" in r for r in results["methods"].values())
@@ -779,6 +814,21 @@ def markdown_table(results: dict) -> str:
             f"{r['ours_gen_beam']['new_tokens_per_s']:,.0f} |"]) + (
             _compiled_cell(r) if compiled else "") + (
             _cudnn_cell(r) if cudnn else ""))
+    return "\n".join(lines)
+
+
+def generation_table(results: dict) -> str:
+    """The table of a generation-only results file: per method, the recipe's and our greedy new tokens/s (the
+    median of the timed rounds), their ratio, our beam search, and the attention our decoding steps ran on."""
+    lines = ["| method | gen base | gen ours greedy | × | beam ours | ours' rounds, tok/s | decoding attention |",
+             "|" + "---|" * 7]
+    for name, r in results["methods"].items():
+        greedy = r["ours_gen_greedy"]
+        gen_base = f"{r['baseline']['gen_tokens_per_s']:,.0f}" if "gen_tokens_per_s" in r["baseline"] else "–"
+        rounds = " / ".join(f"{rate:,.1f}" for rate in greedy.get("repeat_rates", []))
+        lines.append(f"| {name} | {gen_base} | {greedy['new_tokens_per_s']:,.0f} | "
+                     f"**{r.get('gen_speedup_greedy', '–')}** | {r['ours_gen_beam']['new_tokens_per_s']:,.0f} | "
+                     f"{rounds or '–'} | {greedy['decode_attention']} |")
     return "\n".join(lines)
 
 

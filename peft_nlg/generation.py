@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from peft_nlg import cpu_kernels
 from peft_nlg.batching import collate, token_budget_batches
 from peft_nlg.formatting import Prompter
+from peft_nlg.methods import SharedBeginning, shared_beginning
 from peft_nlg.runtime import attention_kernel_names, attention_kernels, synchronize
 
 
@@ -295,15 +296,27 @@ def _per_row_inputs(model_kwargs: dict) -> set[str]:
     return {key for key, value in model_kwargs.items() if isinstance(value, torch.Tensor)}
 
 
-def _rows_can_be_prefilled_apart(model, model_kwargs: dict) -> bool:
+def _rows_can_be_prefilled_apart(model, model_kwargs: dict, shared: SharedBeginning | None = None) -> bool:
     """Whether a prefill's rows can be computed in separate calls and joined: a decoder-only model, an empty
     dynamic cache, per-row inputs no more than token ids, attention mask and position ids (which can be
-    sliced), and input preparation of the model's own (peft's prompt-learning methods replace it to add
-    virtual tokens)."""
+    sliced), and input preparation of the model's own, or replaced (peft's prompt-learning methods add virtual
+    tokens there) by a method that gave its virtual tokens as ``shared``, which the caller puts first."""
     cache = model_kwargs.get("cache")
-    return not (model.config.is_encoder_decoder or "prepare_inputs_for_generation" in vars(model)
+    return not (model.config.is_encoder_decoder
+                or ("prepare_inputs_for_generation" in vars(model) and shared is None)
                 or _per_row_inputs(model_kwargs) - {"attention_mask", "position_ids"}
                 or type(cache) is not DynamicCache or cache.get_seq_length() != 0)
+
+
+@contextmanager
+def own_input_preparation(model):
+    """Within: ``model`` prepares its inputs by its class's own method, not by a replacement (peft's)."""
+    replaced = vars(model).pop("prepare_inputs_for_generation", None)
+    try:
+        yield
+    finally:
+        if replaced is not None:
+            model.prepare_inputs_for_generation = replaced
 
 
 # rows per prefill call when a left-padded batch is prefilled in groups of similar length (prefill_by_length)
@@ -321,8 +334,8 @@ def shared_prefix_length(input_ids: torch.LongTensor, lengths: torch.LongTensor)
 
 def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, room: int,
                       pool: RoomPool, whole_room: bool = False):
-    """The prefill of a left-padded decoder-only batch, run in groups of rows of similar length, with the
-    prompts' common beginning computed once.
+    """The prefill of a left-padded decoder-only batch, run in groups of rows of similar length, with what every
+    row begins with computed once.
 
     One prefill call computes every padding position of the batch: for 64 dialogue prompts of 24 to 145 tokens,
     9,280 positions for 3,935 real ones, and on the 2-core CPU the prefill was 40% of a 30-layer model's
@@ -331,18 +344,22 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     (rooms from ``pool``), so the decoding steps still run on the whole batch. The columns a group dropped stay
     zero and masked.
 
-    Every prompt of a task starts with the same system turn and instruction (31 of the 84 tokens of an average
-    dialogue prompt in the benchmark's format). Those positions have the same token ids and position ids in
-    every row, so the same keys and values: they are computed once, given to each group as a cache it
-    continues from, and written into every row's place in the joined cache.
+    What every row begins with is computed once, given to each group as a cache it continues from, and written
+    into every row's place in the joined cache:
+    - a prompt-learning method's virtual tokens (``methods.SharedBeginning``), the first columns of every row:
+      peft's own prefill computes them once per row, over the whole padded batch (prompt tuning's and P-tuning's
+      prefill of 256 dialogue prompts took 50 s, five times LoRA's);
+    - every prompt of a task starts with the same system turn and instruction (31 of the 84 tokens of an average
+      dialogue prompt in the benchmark's format): the same token ids and position ids in every row, so the same
+      keys and values, just before each row's own tokens.
 
     Returns the prefill's outputs (logits of every row, the joined cache), or None where this does not apply:
     an encoder-decoder, inputs other than token ids, attention mask and position ids (which a group could not
-    slice), padding not on the left, or input preparation replaced by a wrapper (peft's prompt-learning
-    methods add virtual tokens there, and their prefill stays one call).
+    slice), padding not on the left, or input preparation replaced by a wrapper that did not say what it adds.
     """
+    beginning = shared_beginning(model)
     mask, positions, cache = (model_kwargs.get(key) for key in ("attention_mask", "position_ids", "cache"))
-    if not _rows_can_be_prefilled_apart(model, model_kwargs) or mask is None or positions is None \
+    if not _rows_can_be_prefilled_apart(model, model_kwargs, beginning) or mask is None or positions is None \
             or input_ids.shape[0] <= PREFILL_ROWS:
         return None
     width = input_ids.shape[1]
@@ -350,54 +367,62 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     columns = torch.arange(width, device=mask.device)
     if not torch.equal(mask.bool(), columns[None, :] >= width - lengths[:, None]):
         return None  # not every row is one block of real tokens at the right end
-    batch = input_ids.shape[0]
+    batch, virtual = input_ids.shape[0], beginning.length if beginning else 0
+    positions = positions + virtual  # the prompt counts on after the virtual tokens, as in training
 
     def whole_batch(states: torch.Tensor, capacity: int) -> torch.Tensor:
         # zeros: a masked position must not hold what could turn into NaN in attention
         return pool.room(states, batch, capacity).zero_()
 
-    def prefill_part(part: dict, cache: DynamicCache):
-        return model._prefill(part["input_ids"], generation_config,
-                              {**model_kwargs, "attention_mask": part["attention_mask"],
-                               "position_ids": part["position_ids"], "cache": cache})
+    def prefill_part(part: dict, known: list) -> list:
+        """The prefill of ``part``'s tokens after ``known`` positions (each layer's keys and values, one row)
+        that its attention mask covers too; by the model's own input preparation (the virtual tokens are known)."""
+        rows = part["input_ids"].shape[0]
+        part_cache = DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                   for keys, values in known], config=model.config) if known \
+            else DynamicCache(config=model.config)  # either copies into a buffer of its own
+        with own_input_preparation(model):
+            return model._prefill(part["input_ids"], generation_config,
+                                  {**model_kwargs, "attention_mask": part["attention_mask"],
+                                   "position_ids": part["position_ids"], "cache": part_cache})
 
+    # what every row begins with: the virtual tokens, then the prompts' common tokens after them
+    prefix_states = beginning.layers() if beginning else []
     shared = shared_prefix_length(input_ids, lengths)
     if shared:
         first = width - int(lengths[0])
         prefix = {"input_ids": input_ids[:1, first:first + shared], "position_ids": positions[:1, first:first + shared],
-                  "attention_mask": mask[:1, first:first + shared]}
-        prefix_states = [(layer.keys, layer.values)
-                         for layer in prefill_part(prefix, DynamicCache(config=model.config))["cache"].layers]
+                  "attention_mask": mask.new_ones((1, virtual + shared))}
+        prefix_states = [(layer.keys, layer.values) for layer in prefill_part(prefix, prefix_states)["cache"].layers]
+    known = virtual + shared
     logits = rooms = outputs = None
     for rows in lengths.argsort(stable=True).split(PREFILL_ROWS):
         start = width - int(lengths[rows].max()) + shared  # the group's own columns, after the common beginning
         # a shorter row's common beginning falls inside the group's columns: masked there, it comes from the cache
         own_tokens = columns[None, start:] >= (width - lengths[rows] + shared)[:, None]
-        group = {"input_ids": input_ids[rows, start:], "attention_mask": own_tokens.to(mask.dtype),
-                 "position_ids": positions[rows, start:]}
-        group_cache = DynamicCache(config=model.config)
-        if shared:  # the group continues from the common beginning (the cache copies it into its own buffer)
-            group = {key: torch.cat([prefix[key].expand(len(rows), -1), value], dim=1) for key, value in group.items()}
-            group_cache = DynamicCache([(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1))
-                                        for keys, values in prefix_states], config=model.config)
-        outputs = prefill_part(group, group_cache)
-        group_states = [(layer.keys[..., shared:, :], layer.values[..., shared:, :])
+        group = {"input_ids": input_ids[rows, start:], "position_ids": positions[rows, start:],
+                 "attention_mask": torch.cat([mask.new_ones((len(rows), known)), own_tokens.to(mask.dtype)], dim=1)}
+        outputs = prefill_part(group, prefix_states)
+        group_states = [(layer.keys[..., known:, :], layer.values[..., known:, :])
                         for layer in outputs["cache"].layers]
         if logits is None:
             logits = outputs.logits.new_empty((batch, *outputs.logits.shape[1:]))
-            rooms = [[whole_batch(states, width + room) for states in layer] for layer in group_states]
+            rooms = [[whole_batch(states, virtual + width + room) for states in layer] for layer in group_states]
         logits[rows] = outputs.logits
         for layer_rooms, layer_states in zip(rooms, group_states, strict=True):
             for states_room, states in zip(layer_rooms, layer_states, strict=True):
-                states_room[rows, ..., start:width, :] = states
-    if shared:  # each row's common beginning, just before its own tokens (over a shorter row's group padding)
-        every_row = torch.arange(batch, device=mask.device)[:, None]
-        prefix_columns = (width - lengths)[:, None] + torch.arange(shared, device=mask.device)
-        for layer_rooms, layer_states in zip(rooms, prefix_states, strict=True):
-            for states_room, states in zip(layer_rooms, layer_states, strict=True):
-                # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
-                states_room[every_row, :, prefix_columns] = states[0].transpose(0, 1)
-    cache.layers = [RoomyLayer(key_room, value_room, width, pool, whole_room) for key_room, value_room in rooms]
+                states_room[rows, ..., virtual + start:virtual + width, :] = states
+    # each row's virtual tokens first, then its common beginning just before its own tokens (over a shorter row's
+    # group padding)
+    every_row = torch.arange(batch, device=mask.device)[:, None]
+    prefix_columns = virtual + (width - lengths)[:, None] + torch.arange(shared, device=mask.device)
+    for layer_rooms, layer_states in zip(rooms, prefix_states if known else [], strict=bool(known)):
+        for states_room, states in zip(layer_rooms, layer_states, strict=True):
+            states_room[..., :virtual, :] = states[..., :virtual, :]
+            # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
+            states_room[every_row, :, prefix_columns] = states[0, :, virtual:].transpose(0, 1)
+    cache.layers = [RoomyLayer(key_room, value_room, virtual + width, pool, whole_room)
+                    for key_room, value_room in rooms]
     outputs["logits"], outputs["cache"] = logits, cache
     return outputs
 

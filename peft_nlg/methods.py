@@ -120,6 +120,52 @@ def _init_prefix_from_text(model: torch.nn.Module, ctx: MethodContext, opts: dic
             raise RuntimeError("peft's prefix layout changed: the text initialisation would be scrambled")
 
 
+@dataclass(frozen=True)
+class SharedBeginning:
+    """The positions every row of a decoder-only model's generation batch starts with, the same in each row and
+    attended by all: a prompt-learning method's virtual tokens. ``layers()`` gives each layer's keys and values
+    for one row, ``length`` positions, computed from the adapter's current weights; the prompt's own positions
+    count on from ``length``, as in training. Generation can then compute them once per batch instead of once
+    per row, and prefill the rows in groups (generation.prefill_by_length)."""
+    length: int
+    layers: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+_SHARED_BEGINNING = "_peft_nlg_shared_beginning"
+
+
+def shared_beginning(model: torch.nn.Module) -> SharedBeginning | None:
+    """What a method attached to ``model`` (the base model that peft generates with) for its rows to share."""
+    return getattr(model, _SHARED_BEGINNING, None)
+
+
+def _attach_shared_beginning(model: torch.nn.Module, layers: Callable[[torch.nn.Module], list]) -> None:
+    base = model.get_base_model()
+    if base.config.is_encoder_decoder:  # the prompt goes to the encoder: nothing every decoder row starts with
+        return
+    length = model.peft_config[model.active_adapter].num_virtual_tokens
+    setattr(base, _SHARED_BEGINNING, SharedBeginning(length, lambda: layers(model)))
+
+
+def _prefix_layers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prefix tuning's trained keys and values, as peft injects them into the cache."""
+    return _cache_layers(model.get_prompt(batch_size=1))
+
+
+def _virtual_token_layers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values the base model computes for the virtual tokens that peft puts before every prompt
+    (prompt tuning, P-tuning): they attend only to each other, at positions 0 to their count - 1."""
+    base = model.get_base_model()
+    embeds = model.get_prompt(batch_size=1).to(base.get_input_embeddings().weight.dtype)
+    positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+    return _cache_layers(base(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)["cache"])
+
+
+def _prefix_generation(model: torch.nn.Module) -> None:
+    _route_prompt_through_cache(model)
+    _attach_shared_beginning(model, _prefix_layers)
+
+
 def _route_prompt_through_cache(model: torch.nn.Module) -> None:
     """Make peft's prompt injection see the KV cache during ``generate`` with transformers 5.x.
 
@@ -158,6 +204,7 @@ def _soft_prompt_generation(model: torch.nn.Module) -> None:
     mask, which includes the virtual tokens, restore the training layout.
     """
     _route_prompt_through_cache(model)
+    _attach_shared_beginning(model, _virtual_token_layers)
     if model.get_base_model().config.is_encoder_decoder or getattr(model, "_peft_nlg_mask_positions", False):
         return
     peft_prepare = model.prepare_inputs_for_generation
@@ -236,7 +283,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            merges_into_base=True),
     Method("prefix_tuning", "Prefix Tuning",
            "trained key/value vectors prepended in every attention layer (Li & Liang, 2021)", _prefix_tuning,
-           supports_gradient_checkpointing=False, prepare_for_generation=_route_prompt_through_cache,
+           supports_gradient_checkpointing=False, prepare_for_generation=_prefix_generation,
            initialize=_init_prefix_from_text,
            # each block reads its own layer of the prefix cache by index, so the compiler builds one graph per
            # block; past its limit of 8 it runs the rest eagerly: 0.98x eager on an H200, 38 s lost (2026-11-27)

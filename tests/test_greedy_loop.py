@@ -132,8 +132,8 @@ def test_shared_prefix_length_counts_the_common_real_tokens_and_leaves_each_row_
 def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
     """The prefill in groups of rows (each group without the padding columns it does not need), with or
     without the prompts' common beginning computed once, gives the same tokens as transformers' one-call
-    prefill; it runs for decoder-only models with plain inputs, and encoder-decoders and peft's
-    prompt-learning methods (virtual tokens) keep the one-call prefill."""
+    prefill; it runs for every decoder-only model, prompt-learning methods' virtual tokens computed once as
+    the first columns of every row, and encoder-decoders keep the one-call prefill."""
     loaded = _perturbed(tiny_models[arch], method)
     grouped = record_grouped_prefills(monkeypatch, rows=2)
     shared_lengths, own_shared_length = [], generation.shared_prefix_length
@@ -147,14 +147,13 @@ def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_mod
                                show_progress=False)[0]
     assert texts["ours"] == texts["transformers"] == texts["ours without a shared beginning"]
     assert sum(map(len, texts["ours"])) > 0
-    peft_config = getattr(loaded.model, "active_peft_config", None)
-    plain_inputs = not (loaded.prompter.family.is_encoder_decoder or getattr(peft_config, "is_prompt_learning", False))
-    assert grouped == [plain_inputs] * 2
+    decoder_only = not loaded.prompter.family.is_encoder_decoder
+    assert grouped == [decoder_only] * 2
     # the system turn and the instruction's first tokens: what every prompt's token list begins with
     prompts = loaded.prompter.prompts(MANY_SOURCES)
     common = next(n for n in range(len(prompts[0]) + 1)
                   if n == min(map(len, prompts)) - 1 or len({tuple(p[:n + 1]) for p in prompts}) > 1)
-    assert shared_lengths == ([common] if plain_inputs else []) and (common > 10 or not plain_inputs)
+    assert shared_lengths == ([common] if decoder_only else []) and (common > 10 or not decoder_only)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
