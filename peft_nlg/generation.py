@@ -603,14 +603,21 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     whole_room = attends_over_whole_room(model)
     # room for every new token, once; attended over whole, room grows as it fills (a task's limit, e.g. 128
     # new tokens, is often several times what a batch writes)
-    room = generation_config.max_length - input_ids.shape[1]
-    room = min(room, ROOM_STEP) if whole_room else room
-    pool = RoomPool(generation_config.max_length)  # rooms at their longest: prompt and every new token
+    new_tokens = generation_config.max_length - input_ids.shape[1]
+    room = min(new_tokens, ROOM_STEP) if whole_room else new_tokens
+    # rooms at their longest: a prompt-learning method's virtual tokens (cached before the prompt), the prompt and
+    # every new token; a pool short of the virtual tokens grew the rooms one position a step at the end, each time
+    # into a new buffer (over 24 GB for 256 rows of prefix tuning on the 30-layer model)
+    beginning = shared_beginning(model)
+    pool = RoomPool(generation_config.max_length + (beginning.length if beginning else 0))
     outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, pool, whole_room)
     if outputs is None:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        cache = outputs.get("cache")
+        if cache is not None:  # what the prefill cached, virtual tokens included (an encoder-decoder's prefix)
+            pool.positions = cache.get_seq_length() + new_tokens
         # the decoding steps write into room reserved once, instead of copying the cache at every step
-        reserve_cache_room(outputs.get("cache"), room, pool, whole_room)
+        reserve_cache_room(cache, room, pool, whole_room)
     steps = 0
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # each row's place in the whole batch
     whole = None  # the whole batch's ids, written as rows leave
@@ -683,12 +690,13 @@ def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_con
     """The prefill of a beam-expanded decoder-only batch computed on one copy of each prompt, then copied to its
     beams (cache and logits). None where that is not sure to be the same computation: an encoder-decoder (its
     encoder already runs once per prompt), inputs other than token ids, attention mask and position ids, input
-    preparation replaced by a wrapper (peft's prompt-learning methods), a cache already holding something, or
-    rows that are not ``num_beams`` copies of each prompt."""
+    preparation replaced by a wrapper that did not say what it adds (a prompt-learning method's wrapper, whose
+    virtual tokens are then added to each prompt once, says so: ``methods.SharedBeginning``), a cache already
+    holding something, or rows that are not ``num_beams`` copies of each prompt."""
     beams, cache = generation_config.num_beams, model_kwargs.get("cache")
     per_row = _per_row_inputs(model_kwargs)
-    if not _rows_can_be_prefilled_apart(model, model_kwargs) or not is_first_iteration or beams < 2 \
-            or input_ids.shape[0] % beams:
+    if not _rows_can_be_prefilled_apart(model, model_kwargs, shared_beginning(model)) or not is_first_iteration \
+            or beams < 2 or input_ids.shape[0] % beams:
         return None
     copies = {key: model_kwargs[key].unflatten(0, (-1, beams)) for key in per_row}
     copies["input_ids"] = input_ids.unflatten(0, (-1, beams))

@@ -301,6 +301,57 @@ def test_our_side_of_the_quality_check_trains_once_per_seed_and_is_decoded_with_
     assert side["steps"] == math.ceil(len(read_pairs(tiny_data / "dialogue" / "train.jsonl")) / 2)
 
 
+def test_generation_alone_times_ours_and_the_recipes_where_it_times_one(tiny_models, tiny_data, tmp_path):
+    """--generation-only: our greedy and beam generation, the recipe's greedy generate only for the methods whose
+    generation it times, and the ratio from the medians; the table has one row per method."""
+    import torch
+    from peft import LoraConfig, PromptEncoderConfig
+
+    from peft_nlg.data.io import read_pairs
+    speed = _speed_module()
+    args = type("Args", (), {"valid_examples": 3, "precision": "fp32", "merge_adapter": "auto", "gen_repeats": 3,
+                             "greedy_loop": "auto", "also_greedy_loop": None, "also_decode_attention": None,
+                             "cudnn_attention_too": False, "beam_prompts": 2})()
+    rows = read_pairs(tiny_data / "dialogue" / "test.jsonl")
+    results = {"only": speed.GENERATION_ONLY, "methods": {}}
+    for name, peft_config in (("lora", LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])),
+                              ("p_tuning", PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                               encoder_hidden_size=8))):
+        recipe = _FakeRecipe(peft_config)
+        rates = iter([40.0, 10.0, 20.0])
+        recipe.generate = lambda model, tok, task, rows, rates=rates: ([r["trg"] for r in rows], next(rates, 5.0))
+        common = speed._our_settings(recipe, name, tiny_models["llama"], tiny_data, args)
+        row, recipe_generation = speed.bench_generation(name, recipe, args, common, tiny_models["llama"], None, rows,
+                                                        tmp_path, torch.device("cpu"), len(rows), len(rows))
+        greedy = row["ours_gen_greedy"]
+        assert greedy["new_tokens"] > 0 and len(greedy["repeat_rates"]) == 3
+        assert greedy["new_tokens_per_s"] == sorted(greedy["repeat_rates"])[1]  # the median of three rounds
+        assert row["ours_gen_beam"]["new_tokens"] > 0
+        results["methods"][name] = {**row, "baseline": recipe_generation,
+                                    **speed._generation_speedup(row, recipe_generation)}
+    lora, p_tuning = results["methods"]["lora"], results["methods"]["p_tuning"]
+    # the warm-up's rate (the first) is not counted; of the recipe's three rounds the median is 10
+    assert lora["baseline"] == {"gen_tokens_per_s": 10.0, "repeat_rates": [5.0, 10.0, 20.0]}
+    assert lora["gen_speedup_greedy"] == round(lora["ours_gen_greedy"]["new_tokens_per_s"] / 10.0, 2)
+    assert p_tuning["baseline"] == {} and "gen_speedup_greedy" not in p_tuning
+    header, rule, lora_line, p_tuning_line = speed.markdown_table(results).splitlines()
+    assert lora_line.startswith("| lora | 10 | ") and f"**{lora['gen_speedup_greedy']}**" in lora_line
+    assert p_tuning_line.startswith("| p_tuning | – | ") and "| **–** |" in p_tuning_line
+
+
+GENERATION_ONLY = sorted((ROOT / "benchmarks" / "results" / "generation").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", GENERATION_ONLY, ids=[p.name for p in GENERATION_ONLY])
+def test_every_committed_generation_run_renders_one_row_per_method(path):
+    speed = _speed_module()
+    results = json.loads(path.read_text())
+    lines = speed.markdown_table(results).splitlines()
+    assert results["only"] == speed.GENERATION_ONLY and len(lines) == 2 + len(results["methods"])
+    for line, (name, row) in zip(lines[2:], results["methods"].items(), strict=True):
+        assert line.startswith(f"| {name} | ") and f"{row['ours_gen_greedy']['new_tokens_per_s']:,.0f}" in line
+
+
 def test_results_of_one_setup_from_two_calls_merge_into_one_table(tmp_path):
     speed = _speed_module()
     whole = json.loads((ROOT / "benchmarks" / "results" / "2026-11-26-h200.json").read_text())

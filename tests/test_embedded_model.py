@@ -129,3 +129,31 @@ def test_prefill_in_groups_keeps_the_real_models_outputs_in_fp32(model_dir, monk
              for loop in ("transformers", "ours")}
     assert grouped == [True]
     assert texts["ours"] == texts["transformers"] and all(texts["ours"])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_virtual_tokens_computed_once_keep_the_real_models_outputs_in_fp32(model_dir, monkeypatch, method):
+    """On the real weights in fp32, a prompt-learning method's rows prefilled in groups after its virtual tokens,
+    computed once for the batch, write exactly what peft's one-call prefill (virtual tokens added to every row)
+    writes through transformers' loop."""
+    import torch
+    from test_greedy_loop import record_grouped_prefills
+
+    import peft_nlg.generation as generation
+    from peft_nlg.config import build_config
+    from peft_nlg.runtime import load_for_training
+
+    config = build_config({"task": "dialogue", "model": EMBEDDED_MODEL, "method": method, "seed": 0})
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    loaded = load_for_training(config, cpu, torch.float32)
+    sources = ["Hi! How are you today?", "What do you like to do on weekends?", "I just got back from a trip.",
+               "Do you have any pets?", "My favourite food is pizza, what is yours?", "Good night!",
+               "I have been learning to play the guitar for a few months now and it is hard.", "Thanks a lot."]
+    grouped = record_grouped_prefills(monkeypatch, rows=3)
+    texts = {loop: generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
+                                       generation.DecodingSettings(max_new_tokens=16, greedy_loop=loop), cpu,
+                                       show_progress=False)[0]
+             for loop in ("transformers", "ours")}
+    assert grouped == [True]
+    assert texts["ours"] == texts["transformers"] and all(texts["ours"])

@@ -160,8 +160,8 @@ def test_prefill_in_groups_of_similar_length_writes_transformers_tokens(tiny_mod
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny_models, arch, method, monkeypatch):
     """Beam search with each prompt prefilled once for all its beams writes transformers' token ids (every beam
-    hypothesis kept and reordered as before); it shares the prefill for decoder-only models with plain inputs,
-    and encoder-decoders and prompt-learning methods keep transformers' prefill."""
+    hypothesis kept and reordered as before); it shares the prefill for every decoder-only model (a
+    prompt-learning method's virtual tokens added once per prompt), and encoder-decoders keep transformers'."""
     loaded = _perturbed(tiny_models[arch], method)
     shared = record_whether_it_applied(monkeypatch, "_prefill_once_per_prompt")
     sequences, own_generate = {}, loaded.model.generate
@@ -180,9 +180,7 @@ def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny
         assert stats["decoding_loop"] == ("peft-nlg beam (one prefill per prompt)" if loop == "ours"
                                           else "transformers")
     assert torch.equal(sequences["ours"], sequences["transformers"]) and sum(map(len, texts["ours"])) > 0
-    peft_config = getattr(loaded.model, "active_peft_config", None)
-    plain_inputs = not (loaded.prompter.family.is_encoder_decoder or getattr(peft_config, "is_prompt_learning", False))
-    assert shared == [plain_inputs]
+    assert shared == [not loaded.prompter.family.is_encoder_decoder]
 
 
 def _stop_rows_by_their_padding(loaded) -> tuple[list, list[int]]:
@@ -526,3 +524,34 @@ def test_cpu_generation_batches_are_sized_by_the_key_value_cache_they_hold(tiny_
     _, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES,
                         DecodingSettings(max_new_tokens=2, batch_tokens=40), CPU, show_progress=False)
     assert stats["batch_tokens"] == 40 and stats["batches"] > 1
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_batchs_cache_rooms_take_one_buffer_each_and_one_more_virtual_tokens_counted(tiny_models, arch, method,
+                                                                                        monkeypatch):
+    """A batch's cache rooms, grown ROOM_STEP positions at a time, come from one buffer per layer's keys and
+    values and one more, each sized for the prompt, the virtual tokens a prompt-learning method puts before it
+    and every new token. A pool that left the virtual tokens out grew the rooms one position a step at the end,
+    each growth a new buffer held to the end of the batch (prefix tuning's 256 rows of dialogue on the real
+    model: over 24 GB)."""
+    monkeypatch.setattr(generation, "ROOM_STEP", 2)
+    pools = []
+
+    class RecordedPool(generation.RoomPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(generation, "RoomPool", RecordedPool)
+    loaded = _perturbed(tiny_models[arch], method)
+    settings = DecodingSettings(max_new_tokens=12, greedy_loop="ours", decode_attention="products")
+    texts, stats = generate(loaded.model, loaded.tokenizer, loaded.prompter, MANY_SOURCES, settings, CPU,
+                            show_progress=False)
+    model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    decoder = model.get_decoder()
+    layers = len(getattr(decoder, "layers", None) or decoder.block)  # T5 calls them blocks
+    assert stats["batches"] == len(pools) == 1 and stats["new_tokens"] > 0
+    assert stats["decode_attention"] == "room products"  # the whole room attended: it grows ROOM_STEP at a time
+    allocated = len(pools[0]._ours)
+    assert allocated == 2 * layers + 1
