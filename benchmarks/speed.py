@@ -653,10 +653,11 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
     """One results file from several runs of the same setup (same card, versions, weights, sizes) that measured
     different methods: a GPU slot's calls are limited to 10 minutes each. Every ratio stays the one measured in
     its own run; the file lists where each method came from."""
-    merged = {key: parts[0].get(key) for key in _SETUP}
+    setup = (*_SETUP, "only")  # a generation-only file joins only its own kind
+    merged = {key: parts[0].get(key) for key in setup}
     merged.update(date=sorted({p["date"] for p in parts})[-1], methods={}, merged_from={})
     for part, name in zip(parts, names, strict=True):
-        differing = [key for key in _SETUP if part.get(key) != merged[key]]
+        differing = [key for key in setup if part.get(key) != merged[key]]
         if differing:
             raise ValueError(f"{name}: measured with another {', '.join(differing)} than {names[0]}")
         twice = set(part["methods"]) & set(merged["methods"])
@@ -664,6 +665,8 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
             raise ValueError(f"{name}: {', '.join(sorted(twice))} measured in two of the files")
         merged["methods"].update(part["methods"])
         merged["merged_from"].update({method: f"{Path(name).name} ({part['date']})" for method in part["methods"]})
+    if merged["only"] is None:  # timed runs: a file without the key
+        del merged["only"]
     return merged
 
 

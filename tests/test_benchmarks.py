@@ -337,6 +337,14 @@ def test_generation_alone_times_ours_and_the_recipes_where_it_times_one(tiny_mod
     header, rule, lora_line, p_tuning_line = speed.markdown_table(results).splitlines()
     assert lora_line.startswith("| lora | 10 | ") and f"**{lora['gen_speedup_greedy']}**" in lora_line
     assert p_tuning_line.startswith("| p_tuning | – | ") and "| **–** |" in p_tuning_line
+    # two generation-only runs of one setup merge into one generation table, never with a timed run's file
+    setup = {key: None for key in speed._SETUP}
+    parts = [{**setup, **results, "date": "2026-12-08", "methods": {name: row}} for name, row in
+             results["methods"].items()]
+    merged = speed.merge_results(parts, ["a.json", "b.json"])
+    assert speed.markdown_table(merged) == speed.markdown_table(results)
+    with pytest.raises(ValueError, match="b.json: measured with another only"):
+        speed.merge_results([parts[0], {**parts[1], "only": None}], ["a.json", "b.json"])
 
 
 GENERATION_ONLY = sorted((ROOT / "benchmarks" / "results" / "generation").glob("*.json"))
