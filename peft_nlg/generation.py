@@ -348,7 +348,7 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
     into every row's place in the joined cache:
     - a prompt-learning method's virtual tokens (``methods.SharedBeginning``), the first columns of every row:
       peft's own prefill computes them once per row, over the whole padded batch (prompt tuning's and P-tuning's
-      prefill of 256 dialogue prompts took 50 s, five times LoRA's);
+      prefill of 256 dialogue prompts took 50-52 s, LoRA's 11 s);
     - every prompt of a task starts with the same system turn and instruction (31 of the 84 tokens of an average
       dialogue prompt in the benchmark's format): the same token ids and position ids in every row, so the same
       keys and values, just before each row's own tokens.
