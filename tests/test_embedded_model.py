@@ -110,25 +110,16 @@ def test_prefill_in_groups_keeps_the_real_models_outputs_in_fp32(model_dir, monk
     """On the real weights in fp32, the prefill in groups of rows of similar length writes exactly what
     transformers' one-call prefill writes (in bf16 either changes outputs as a different batch size does)."""
     import torch
-    from test_greedy_loop import record_grouped_prefills
 
-    import peft_nlg.generation as generation
     from peft_nlg.config import build_config
     from peft_nlg.runtime import load_base
 
     config = build_config({"task": "translation", "model": EMBEDDED_MODEL})
-    cpu = torch.device("cpu")
-    loaded = load_base(config, cpu, torch.float32)
+    loaded = load_base(config, torch.device("cpu"), torch.float32)
     sources = ["Thank you!", "The cat sits on the mat.", "Where is the station?", "Good morning.",
                "I would like a cup of coffee, please.", "How much does the ticket to Berlin cost?",
                "The weather was bad, so we stayed at home and read books all afternoon.", "See you tomorrow."]
-    grouped = record_grouped_prefills(monkeypatch, rows=3)
-    texts = {loop: generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
-                                       generation.DecodingSettings(max_new_tokens=24, greedy_loop=loop), cpu,
-                                       show_progress=False)[0]
-             for loop in ("transformers", "ours")}
-    assert grouped == [True]
-    assert texts["ours"] == texts["transformers"] and all(texts["ours"])
+    _check_grouped_prefill_writes_transformers_replies(loaded, sources, 24, monkeypatch)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
@@ -137,23 +128,30 @@ def test_virtual_tokens_computed_once_keep_the_real_models_outputs_in_fp32(model
     computed once for the batch, write exactly what peft's one-call prefill (virtual tokens added to every row)
     writes through transformers' loop."""
     import torch
-    from test_greedy_loop import record_grouped_prefills
 
-    import peft_nlg.generation as generation
     from peft_nlg.config import build_config
     from peft_nlg.runtime import load_for_training
 
     config = build_config({"task": "dialogue", "model": EMBEDDED_MODEL, "method": method, "seed": 0})
-    cpu = torch.device("cpu")
     torch.manual_seed(0)
-    loaded = load_for_training(config, cpu, torch.float32)
+    loaded = load_for_training(config, torch.device("cpu"), torch.float32)
     sources = ["Hi! How are you today?", "What do you like to do on weekends?", "I just got back from a trip.",
                "Do you have any pets?", "My favourite food is pizza, what is yours?", "Good night!",
                "I have been learning to play the guitar for a few months now and it is hard.", "Thanks a lot."]
+    _check_grouped_prefill_writes_transformers_replies(loaded, sources, 16, monkeypatch)
+
+
+def _check_grouped_prefill_writes_transformers_replies(loaded, sources: list[str], max_new_tokens: int, monkeypatch):
+    """Our greedy loop, prefilling in groups of 3 rows, writes what transformers' loop (one prefill call) writes."""
+    import torch
+    from test_greedy_loop import record_grouped_prefills
+
+    import peft_nlg.generation as generation
+
     grouped = record_grouped_prefills(monkeypatch, rows=3)
     texts = {loop: generation.generate(loaded.model, loaded.tokenizer, loaded.prompter, sources,
-                                       generation.DecodingSettings(max_new_tokens=16, greedy_loop=loop), cpu,
-                                       show_progress=False)[0]
+                                       generation.DecodingSettings(max_new_tokens=max_new_tokens, greedy_loop=loop),
+                                       torch.device("cpu"), show_progress=False)[0]
              for loop in ("transformers", "ours")}
     assert grouped == [True]
     assert texts["ours"] == texts["transformers"] and all(texts["ours"])
