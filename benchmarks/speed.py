@@ -77,9 +77,9 @@ from peft_nlg.training import train, use_compiled_blocks
 METHODS = ["none", "lora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"]
 # the methods whose generation the recipe times (its part "arch"); the others it trains only
 RECIPE_TIMES_GENERATION = ("none", "lora")
-# --quality-only's choices: whose training it repeats
 # what a --generation-only results file measured (its "only")
 GENERATION_ONLY = "generation speed (--generation-only)"
+# --quality-only's choices: whose training it repeats
 QUALITY_SIDES = {"recipe": "the recipe's side", "ours": "our side", "both": "both sides"}
 
 
@@ -304,10 +304,11 @@ def main() -> int:
     if args.generation_only:
         results["only"] = GENERATION_ONLY
         for name in args.methods.split(","):
-            row, recipe_generation = bench_generation(name, B, args, _our_settings(B, name, init_dir, bench_data, args),
-                                                      init_dir, base_tok, test_rows, work, dev, n_gen, n_base_gen)
-            results["methods"][name] = {**row, "baseline": recipe_generation, **_generation_speedup(row,
-                                                                                                   recipe_generation)}
+            common = _our_settings(B, name, init_dir, bench_data, args)
+            row, recipe_generation = bench_generation(name, B, args, common, init_dir, base_tok, test_rows, work, dev,
+                                                      n_gen, n_base_gen)
+            row.update(baseline=recipe_generation, **_generation_speedup(row, recipe_generation))
+            results["methods"][name] = row
             print(json.dumps({name: results["methods"][name]}), flush=True)
             write_json(Path(args.out), results)
         print(markdown_table(results))
