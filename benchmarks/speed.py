@@ -307,8 +307,7 @@ def main() -> int:
             common = _our_settings(B, name, init_dir, bench_data, args)
             row, recipe_generation = bench_generation(name, B, args, common, init_dir, base_tok, test_rows, work, dev,
                                                       n_gen, n_base_gen)
-            row.update(baseline=recipe_generation, **_generation_speedup(row, recipe_generation))
-            results["methods"][name] = row
+            results["methods"][name] = generation_only_row(row, recipe_generation)
             print(json.dumps({name: results["methods"][name]}), flush=True)
             write_json(Path(args.out), results)
         print(markdown_table(results))
@@ -501,6 +500,11 @@ def bench_method(name, B, args, seeds, init_dir, config, base_tok, base_train, b
         row["ours_equal"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
     row.update(_generation_speedup(row, row["baseline"]))
     return row
+
+
+def generation_only_row(row: dict, recipe_generation: dict) -> dict:
+    """A --generation-only file's row for a method: ``bench_generation``'s, the recipe's rate and the ratio."""
+    return {**row, "baseline": recipe_generation, **_generation_speedup(row, recipe_generation)}
 
 
 def _generation_speedup(row: dict, recipe_generation: dict) -> dict:

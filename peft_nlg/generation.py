@@ -414,13 +414,14 @@ def prefill_by_length(model, input_ids: torch.LongTensor, generation_config, mod
                 states_room[rows, ..., virtual + start:virtual + width, :] = states
     # each row's virtual tokens first, then its common beginning just before its own tokens (over a shorter row's
     # group padding)
-    every_row = torch.arange(batch, device=mask.device)[:, None]
-    prefix_columns = virtual + (width - lengths)[:, None] + torch.arange(shared, device=mask.device)
-    for layer_rooms, layer_states in zip(rooms, prefix_states if known else [], strict=bool(known)):
-        for states_room, states in zip(layer_rooms, layer_states, strict=True):
-            states_room[..., :virtual, :] = states[..., :virtual, :]
-            # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
-            states_room[every_row, :, prefix_columns] = states[0, :, virtual:].transpose(0, 1)
+    if known:
+        every_row = torch.arange(batch, device=mask.device)[:, None]
+        prefix_columns = virtual + (width - lengths)[:, None] + torch.arange(shared, device=mask.device)
+        for layer_rooms, layer_states in zip(rooms, prefix_states, strict=True):
+            for states_room, states in zip(layer_rooms, layer_states, strict=True):
+                states_room[..., :virtual, :] = states[..., :virtual, :]
+                # indexing rows and columns around the heads' slice puts them first: [rows, columns, heads, dim]
+                states_room[every_row, :, prefix_columns] = states[0, :, virtual:].transpose(0, 1)
     cache.layers = [RoomyLayer(key_room, value_room, virtual + width, pool, whole_room)
                     for key_room, value_room in rooms]
     outputs["logits"], outputs["cache"] = logits, cache

@@ -327,8 +327,7 @@ def test_generation_alone_times_ours_and_the_recipes_where_it_times_one(tiny_mod
         assert greedy["new_tokens"] > 0 and len(greedy["repeat_rates"]) == 3
         assert greedy["new_tokens_per_s"] == sorted(greedy["repeat_rates"])[1]  # the median of three rounds
         assert row["ours_gen_beam"]["new_tokens"] > 0
-        results["methods"][name] = {**row, "baseline": recipe_generation,
-                                    **speed._generation_speedup(row, recipe_generation)}
+        results["methods"][name] = speed.generation_only_row(row, recipe_generation)
     lora, p_tuning = results["methods"]["lora"], results["methods"]["p_tuning"]
     # the warm-up's rate (the first) is not counted; of the recipe's three rounds the median is 10
     assert lora["baseline"] == {"gen_tokens_per_s": 10.0, "repeat_rates": [5.0, 10.0, 20.0]}
