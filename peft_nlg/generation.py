@@ -187,23 +187,27 @@ class RoomyLayer(DynamicLayer):
     ``room_products_attention`` needs that to run its products in one call each.
 
     New rooms (to grow, or to keep fewer rows) come from ``pool``, shared by a cache's layers.
+
+    ``copies``: each run of so many rows holds copies of one row in the first ``shared`` positions (a beam
+    search's beams of one prompt), which a reorder within each run then leaves in place.
     """
 
     def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int, pool: RoomPool,
-                 whole_room: bool = False):
+                 whole_room: bool = False, copies: int = 1, shared: int = 0):
         super().__init__()
         self.device, self.is_initialized, self.length = key_room.device, True, length
         self._key_room, self._value_room, self.whole_room = key_room, value_room, whole_room
-        self.pool = pool
+        self.pool, self.copies, self.shared = pool, copies, shared
         self._expose()
 
     @classmethod
     def after(cls, keys: torch.Tensor, values: torch.Tensor, room: int, whole_room: bool = False,
-              pool: RoomPool | None = None) -> RoomyLayer:
-        """The layer holding ``keys`` and ``values`` with room for ``room`` more positions."""
+              pool: RoomPool | None = None, copies: int = 1) -> RoomyLayer:
+        """The layer holding ``keys`` and ``values``, each row ``copies`` times over (each copy right after its
+        row), with room for ``room`` more positions."""
         pool, length = pool or RoomPool(), keys.shape[-2]
-        return cls(_with_room(keys, length, room, pool), _with_room(values, length, room, pool), length, pool,
-                   whole_room)
+        return cls(_with_room(keys, length, room, pool, copies), _with_room(values, length, room, pool, copies),
+                   length, pool, whole_room, copies, length if copies > 1 else 0)
 
     def _expose(self) -> None:
         end = None if self.whole_room else self.length
@@ -247,6 +251,11 @@ class RoomyLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep (and order) the rows ``beam_idx``, room included.
 
+        Where every row takes a row of its own run of ``copies`` (a beam search's step: each beam continues a beam
+        of its own prompt), the runs' shared positions stay and only the moved rows' later positions are copied:
+        in a beam search of 32 dialogue prompts (4 beams) on the 30-layer model, a step's reorder took 0.90 ms per
+        layer's keys or values copying every row's whole cache, 0.19 ms here (the prompts are most of a cache).
+
         Where every row that changes place comes from beyond the first ``len(beam_idx)`` rows (finished rows'
         places filled from the end, as ``rows_kept_in_place`` orders them), only those rows are copied, into the
         rooms themselves, whose first rows then are the cache: no row is overwritten before it is read.
@@ -254,6 +263,12 @@ class RoomyLayer(DynamicLayer):
         beam_idx = beam_idx.to(self._key_room.device)
         kept = len(beam_idx)
         moved = (beam_idx != torch.arange(kept, device=beam_idx.device)).nonzero().squeeze(1)
+        if stays_within_runs(beam_idx, self.copies, self._key_room.shape[0]):
+            parents = beam_idx[moved]  # read (as a copy) before any row is written
+            for room in (self._key_room, self._value_room):
+                room[moved, ..., self.shared:self.length, :] = room[parents, ..., self.shared:self.length, :]
+            return
+        self.copies, self.shared = 1, 0  # the runs are mixed or cut: no longer copies
         if kept <= self._key_room.shape[0] and bool((beam_idx[moved] >= kept).all()):
             for room in (self._key_room, self._value_room):
                 room[moved] = room[beam_idx[moved]]
@@ -267,11 +282,50 @@ class RoomyLayer(DynamicLayer):
         return torch.index_select(room, 0, rows, out=self.pool.room(room, len(rows), room.shape[-2]))
 
 
-def _with_room(states: torch.Tensor, length: int, room: int, pool: RoomPool) -> torch.Tensor:
-    """The first ``length`` positions of ``states`` [..., positions, dim] in a buffer ``room`` positions longer,
-    zeros after them (a masked position must hold nothing that could turn into NaN in attention)."""
-    buffer = pool.room(states, states.shape[0], length + room)
-    buffer[..., :length, :] = states[..., :length, :]
+def stays_within_runs(beam_idx: torch.LongTensor, copies: int, rows: int) -> bool:
+    """Whether ``beam_idx`` gives each of ``rows`` rows a row of its own run of ``copies`` (1: no runs)."""
+    place = torch.arange(len(beam_idx), device=beam_idx.device)
+    return copies > 1 and len(beam_idx) == rows and torch.equal(beam_idx // copies, place // copies)
+
+
+class CopiesLayer(DynamicLayer):
+    """A cache layer whose rows come in runs of ``copies`` equal rows and are not written after the prefill: an
+    encoder-decoder's cross-attention in a beam search, each prompt's encoder output once per beam. A beam
+    search's reorder keeps every row within its run, so it changes nothing and copies nothing: in a beam search
+    of a t5-small-sized model (random weights, 32 prompts of 300 tokens, 4 beams, 48 new tokens, 2-core CPU)
+    those copies were 37% of the op time."""
+
+    @classmethod
+    def of(cls, layer: DynamicLayer, copies: int) -> CopiesLayer:
+        runs = cls()
+        runs.__dict__.update(vars(layer))
+        runs.copies = copies
+        return runs
+
+    def update(self, *args, **kwargs):
+        self.copies = 1  # written again: no longer known to be copies
+        return super().update(*args, **kwargs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not stays_within_runs(beam_idx.to(self.keys.device), self.copies, self.keys.shape[0]):
+            self.copies = 1
+            super().reorder_cache(beam_idx)
+
+
+def runs_of_copies(keys: torch.Tensor, copies: int) -> bool:
+    """Whether the rows of ``keys`` come in runs of ``copies`` equal rows."""
+    if copies < 2 or keys.shape[0] % copies:
+        return False
+    runs = keys.unflatten(0, (-1, copies))
+    return torch.equal(runs, runs[:, :1].expand_as(runs))
+
+
+def _with_room(states: torch.Tensor, length: int, room: int, pool: RoomPool, copies: int = 1) -> torch.Tensor:
+    """The first ``length`` positions of ``states`` [rows, ..., positions, dim] in a buffer ``room`` positions
+    longer, zeros after them (a masked position must hold nothing that could turn into NaN in attention); each
+    row ``copies`` times, one after another."""
+    buffer = pool.room(states, states.shape[0] * copies, length + room)
+    buffer.unflatten(0, (-1, copies))[..., :length, :] = states[:, None, ..., :length, :]
     buffer[..., length:, :] = 0
     return buffer
 
@@ -665,15 +719,35 @@ def beam_search_with_shared_prefill(model, input_ids: torch.LongTensor, logits_p
     beam search. Here the prefill runs on one copy of each prompt and its cache and logits are copied to the
     beams afterwards; the search itself is transformers' own. Where it does not apply (see
     ``_prefill_once_per_prompt``) the prefill is transformers'.
+
+    The cache then lives in rooms (``RoomyLayer``), as in ``greedy_decoding``: a step writes one position instead
+    of concatenating each layer's cache with it (the concatenations were 13% of a beam search's op time, 32
+    dialogue prompts on the 30-layer model). Every step reorders the cache (each beam takes its parent's rows);
+    with one prefill per prompt, the prompt's positions stay where they are (``RoomyLayer.reorder_cache``).
     """
     prefill_every_row = model._prefill
     previous = vars(model).get("_prefill")  # normally none: the class's method
+    whole_room = attends_over_whole_room(model)
+    new_tokens = generation_config.max_length - input_ids.shape[1]
+    room = min(new_tokens, ROOM_STEP) if whole_room else new_tokens
+    pool = RoomPool()
 
     def prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True):
-        shared = _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_config, model_kwargs,
-                                          is_first_iteration)
-        return shared if shared is not None else prefill_every_row(input_ids, generation_config, model_kwargs,
-                                                                   is_first_iteration=is_first_iteration)
+        outputs = _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_config, model_kwargs,
+                                           is_first_iteration, room, pool, whole_room)
+        if outputs is None:
+            outputs = prefill_every_row(input_ids, generation_config, model_kwargs,
+                                        is_first_iteration=is_first_iteration)
+            cache = outputs.get("cache")
+            if cache is not None:  # rooms at their longest: what the prefill cached and every new token
+                pool.positions = cache.get_seq_length() + new_tokens
+                reserve_cache_room(cache, room, pool, whole_room)
+            if isinstance(cache, EncoderDecoderCache):  # the cross-attention: each prompt's encoder output per beam
+                beams, layers = generation_config.num_beams, cache.cross_attention_cache.layers
+                layers[:] = [CopiesLayer.of(layer, beams) if type(layer) is DynamicLayer and layer.is_initialized
+                             and runs_of_copies(layer.keys, beams) and runs_of_copies(layer.values, beams) else layer
+                             for layer in layers]
+        return outputs
 
     model._prefill = prefill  # the beam search calls self._prefill once, before its loop
     try:
@@ -687,13 +761,15 @@ def beam_search_with_shared_prefill(model, input_ids: torch.LongTensor, logits_p
 
 
 def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_config, model_kwargs: dict,
-                             is_first_iteration: bool):
+                             is_first_iteration: bool, room: int, pool: RoomPool, whole_room: bool):
     """The prefill of a beam-expanded decoder-only batch computed on one copy of each prompt, then copied to its
-    beams (cache and logits). None where that is not sure to be the same computation: an encoder-decoder (its
-    encoder already runs once per prompt), inputs other than token ids, attention mask and position ids, input
-    preparation replaced by a wrapper that did not say what it adds (a prompt-learning method's wrapper, whose
-    virtual tokens are then added to each prompt once, says so: ``methods.SharedBeginning``), a cache already
-    holding something, or rows that are not ``num_beams`` copies of each prompt."""
+    beams: logits, and a cache whose layers hold each prompt's keys and values once per beam with room for ``room``
+    more positions (``RoomyLayer``, rooms from ``pool``). None where that is not sure to be the same computation:
+    an encoder-decoder (its encoder already runs once per prompt), inputs other than token ids, attention mask and
+    position ids, input preparation replaced by a wrapper that did not say what it adds (a prompt-learning
+    method's wrapper, whose virtual tokens are then added to each prompt once, says so:
+    ``methods.SharedBeginning``), a cache already holding something, or rows that are not ``num_beams`` copies of
+    each prompt."""
     beams, cache = generation_config.num_beams, model_kwargs.get("cache")
     per_row = _per_row_inputs(model_kwargs)
     if not _rows_can_be_prefilled_apart(model, model_kwargs, shared_beginning(model)) or not is_first_iteration \
@@ -706,10 +782,9 @@ def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_con
     once = {**model_kwargs, **{key: model_kwargs[key][::beams] for key in per_row},
             "cache": DynamicCache(config=model.config)}
     outputs = prefill_every_row(input_ids[::beams], generation_config, once, is_first_iteration=True)
-    for layer in outputs["cache"].layers:
-        layer.keys = layer.keys.repeat_interleave(beams, dim=0)
-        layer.values = layer.values.repeat_interleave(beams, dim=0)
-    cache.layers = outputs["cache"].layers
+    pool.positions = generation_config.max_length + (outputs["cache"].get_seq_length() - input_ids.shape[1])
+    cache.layers = [RoomyLayer.after(layer.keys, layer.values, room, whole_room, pool, copies=beams)
+                    for layer in outputs["cache"].layers]
     outputs["logits"], outputs["cache"] = outputs.logits.repeat_interleave(beams, dim=0), cache
     return outputs
 

@@ -172,6 +172,16 @@ def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny
         return ids
 
     loaded.model.generate = recording_generate
+    reorders = {generation.RoomyLayer: [], generation.CopiesLayer: []}
+
+    def recording(calls: list, own):
+        def reorder_cache(layer, beam_idx):
+            calls.append(layer.copies)  # 3: the layer still knew each prompt's beams held copies of one row
+            own(layer, beam_idx)
+        return reorder_cache
+
+    for layer_class, calls in reorders.items():
+        monkeypatch.setattr(layer_class, "reorder_cache", recording(calls, layer_class.reorder_cache))
     texts = {}
     for loop in ("transformers", "ours"):
         settings = DecodingSettings(search="beam", num_beams=3, max_new_tokens=8, greedy_loop=loop)
@@ -180,7 +190,12 @@ def test_beam_search_prefilling_each_prompt_once_writes_transformers_tokens(tiny
         assert stats["decoding_loop"] == ("peft-nlg beam (one prefill per prompt)" if loop == "ours"
                                           else "transformers")
     assert torch.equal(sequences["ours"], sequences["transformers"]) and sum(map(len, texts["ours"])) > 0
-    assert shared == [not loaded.prompter.family.is_encoder_decoder]
+    decoder_only = not loaded.prompter.family.is_encoder_decoder
+    assert shared == [decoder_only]
+    # every step's reorder ran on rooms; with one prefill per prompt, leaving the prompts' positions in place;
+    # an encoder-decoder's cross-attention, each prompt's encoder output once per beam, was never copied
+    assert reorders[generation.RoomyLayer] and set(reorders[generation.RoomyLayer]) == {3 if decoder_only else 1}
+    assert set(reorders[generation.CopiesLayer]) == (set() if decoder_only else {3})
 
 
 def _stop_rows_by_their_padding(loaded) -> tuple[list, list[int]]:
@@ -426,6 +441,64 @@ def test_a_row_drop_in_place_moves_only_the_rows_it_must_and_keeps_what_index_se
     roomy.reorder_cache(torch.tensor([2, 0]))  # in place, row 2 would overwrite row 0 before it is read: new buffers
     assert roomy._key_room.untyped_storage().data_ptr() != before
     assert torch.equal(roomy.keys[..., :7, :], torch.cat([keys[keep], new_keys], dim=2)[[2, 0]])
+
+
+@pytest.mark.parametrize("whole_room", [True, False])
+def test_a_reorder_within_each_prompts_beams_copies_only_the_moved_rows_new_positions(whole_room):
+    """Rooms holding each prompt once per beam: a beam search's reorder (every beam takes a beam of its own
+    prompt) keeps what index_select keeps, in the rooms' own buffers, without writing any prompt position (a
+    marked prompt row is not copied onto its child); a reorder across prompts falls back to copying whole rows."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(2, 2, 4, 3, generator=generator) for _ in range(2)]  # 2 prompts, 4 positions
+    roomy = generation.RoomyLayer.after(*prompts, room=3, whole_room=whole_room,
+                                        pool=generation.RoomPool(positions=7), copies=3)
+    plain = generation.DynamicLayer()
+    plain.update(*(states.repeat_interleave(3, dim=0) for states in prompts))
+    assert torch.equal(roomy.keys[..., :4, :], plain.keys) and roomy.keys.shape[0] == 6
+    for _ in range(2):
+        new = [torch.randn(6, 2, 1, 3, generator=generator) for _ in range(2)]
+        roomy.update(*new)
+        plain.update(*new)
+    buffers = [room.untyped_storage().data_ptr() for room in (roomy._key_room, roomy._value_room)]
+    marked = roomy._key_room[1, ..., :4, :].clone()
+    roomy._key_room[1, ..., :4, :] = 99.0  # prompt 0's beam 1: its prompt positions, which no reorder may copy
+    within = torch.tensor([0, 1, 1, 5, 3, 3])
+    roomy.reorder_cache(within)
+    plain.reorder_cache(within)
+    assert [room.untyped_storage().data_ptr() for room in (roomy._key_room, roomy._value_room)] == buffers
+    assert torch.equal(roomy._key_room[2, ..., :4, :], marked) and (roomy._key_room[1, ..., :4, :] == 99).all()
+    roomy._key_room[1, ..., :4, :] = marked
+    assert torch.equal(roomy.keys[..., :6, :], plain.keys) and torch.equal(roomy.values[..., :6, :], plain.values)
+    across = torch.tensor([3, 4, 5, 0, 1, 2])
+    roomy.reorder_cache(across)
+    plain.reorder_cache(across)
+    assert torch.equal(roomy.keys[..., :6, :], plain.keys) and torch.equal(roomy.values[..., :6, :], plain.values)
+    assert roomy.copies == 1  # rows of two prompts' beams mixed: never again taken as copies
+
+
+def test_a_cross_attention_of_copies_is_not_copied_by_a_reorder_within_its_runs():
+    """A layer whose rows are runs of copies (each prompt's encoder output once per beam) keeps its tensors
+    through a beam search's reorder (each beam takes a beam of its own prompt), holding what index_select holds;
+    a reorder across runs, or a write, makes it an ordinary layer again. Runs are found only where rows are equal."""
+    generator = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(2, 2, 5, 3, generator=generator).repeat_interleave(3, dim=0) for _ in range(2))
+    assert generation.runs_of_copies(keys, 3) and not generation.runs_of_copies(keys, 2)
+    different = keys.clone()
+    different[4, 0, 0, 0] += 1.0
+    assert not generation.runs_of_copies(different, 3) and not generation.runs_of_copies(keys, 4)
+    layer = generation.DynamicLayer()
+    layer.update(keys, values)
+    runs, plain = generation.CopiesLayer.of(layer, 3), generation.DynamicLayer()
+    plain.update(keys, values)
+    for beam_idx, kept in ((torch.tensor([2, 0, 0, 4, 4, 3]), True), (torch.tensor([3, 4, 5, 0, 1, 2]), False)):
+        held = runs.keys
+        runs.reorder_cache(beam_idx)
+        plain.reorder_cache(beam_idx)
+        assert (runs.keys is held) == kept and runs.copies == (3 if kept else 1)
+        assert torch.equal(runs.keys, plain.keys) and torch.equal(runs.values, plain.values)
+    again = generation.CopiesLayer.of(layer, 3)
+    again.update(*(torch.randn(6, 2, 1, 3, generator=generator) for _ in range(2)))
+    assert again.copies == 1 and again.keys.shape[-2] == 6
 
 
 @pytest.mark.parametrize("whole_room", [True, False])
