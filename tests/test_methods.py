@@ -226,6 +226,26 @@ def test_no_repeat_in_output_blocks_only_generated_repeats():
     assert torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_repeat_in_output_rules_out_exactly_what_a_loop_over_the_ngrams_does(dtype):
+    """Random outputs over a small vocabulary (n-grams seen several times, some tokens closing one n-gram and
+    not another): the tokens ruled out are those a plain loop finds, every other score keeps its value exactly,
+    and the scores are changed in place."""
+    from peft_nlg.generation import NoRepeatInOutput
+    generator = torch.Generator().manual_seed(0)
+    for n in (2, 3):
+        ids = torch.randint(0, 6, (16, 4 + 20), generator=generator)
+        scores = torch.randn(16, 6, generator=generator).to(dtype)
+        expected = scores.clone()
+        for row, tokens in enumerate(ids[:, 4:].tolist()):
+            for start in range(len(tokens) - n + 1):
+                if tokens[start:start + n - 1] == tokens[len(tokens) - n + 1:]:
+                    expected[row, tokens[start + n - 1]] = float("-inf")
+        ruled_out = NoRepeatInOutput(n, prompt_width=4)(ids, scores)
+        assert ruled_out is scores and torch.equal(ruled_out, expected)
+        assert 0 < int(torch.isinf(expected).sum()) < expected.numel() // 2
+
+
 @pytest.mark.parametrize("method", ["none", "lora", "prompt_tuning"])
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_generation_never_writes_padding_even_when_the_model_prefers_it(tiny_models, arch, method):
