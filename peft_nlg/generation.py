@@ -299,7 +299,7 @@ class CopiesLayer(DynamicLayer):
     encoder-decoder's cross-attention in a beam search, each prompt's encoder output once per beam. A beam
     search's reorder keeps every row within its run, so it changes nothing and copies nothing: in a beam search
     of a t5-small-sized model (random weights, 32 prompts of 300 tokens, 4 beams, 48 new tokens, 2-core CPU)
-    those copies were 37% of the op time."""
+    the reorders' copies were 37% of the op time, nearly all of it (6.2 of 6.3 s) the cross-attention's."""
 
     @classmethod
     def of(cls, layer: DynamicLayer, copies: int) -> CopiesLayer:
