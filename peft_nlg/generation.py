@@ -352,6 +352,37 @@ def reserve_cache_room(cache, room: int, pool: RoomPool, whole_room: bool = Fals
             cache.layers[index] = RoomyLayer.after(layer.keys, layer.values, room, whole_room, pool)
 
 
+@dataclass
+class DecodingRooms:
+    """How a decoding loop's cache keeps room for the new tokens (``RoomyLayer``): ``room`` positions reserved
+    after the prefill, rooms from ``pool``, attended over whole or not (``attends_over_whole_room``)."""
+    new_tokens: int
+    room: int
+    pool: RoomPool
+    whole_room: bool
+
+    @classmethod
+    def for_batch(cls, model, input_ids: torch.LongTensor, generation_config) -> DecodingRooms:
+        whole_room = attends_over_whole_room(model)
+        new_tokens = generation_config.max_length - input_ids.shape[1]
+        # room for every new token, once; attended over whole, room grows as it fills (a task's limit, e.g. 128
+        # new tokens, is often several times what a batch writes)
+        room = min(new_tokens, ROOM_STEP) if whole_room else new_tokens
+        # rooms at their longest: a prompt-learning method's virtual tokens (cached before the prompt), the prompt
+        # and every new token; a pool short of the virtual tokens grew the rooms one position a step at the end,
+        # each time into a new buffer (over 24 GB for 256 rows of prefix tuning on the 30-layer model)
+        beginning = shared_beginning(model)
+        pool = RoomPool(generation_config.max_length + (beginning.length if beginning else 0))
+        return cls(new_tokens, room, pool, whole_room)
+
+    def reserve_after(self, cache) -> None:
+        """Room in ``cache``, filled by a prefill of its own (see ``reserve_cache_room``), the rooms at their
+        longest sized from what it cached, virtual tokens included (an encoder-decoder's prefix)."""
+        if cache is not None:
+            self.pool.positions = cache.get_seq_length() + self.new_tokens
+        reserve_cache_room(cache, self.room, self.pool, self.whole_room)
+
+
 def _per_row_inputs(model_kwargs: dict) -> set[str]:
     return {key for key, value in model_kwargs.items() if isinstance(value, torch.Tensor)}
 
@@ -661,24 +692,12 @@ def greedy_decoding(model, input_ids: torch.LongTensor, logits_processor: Logits
     keep_dtype = all(isinstance(p, _MASKING_ONLY) for p in logits_processor)
     check_every = STOP_CHECK_EVERY.get(input_ids.device.type, 8)
     is_encoder_decoder = model.config.is_encoder_decoder
-    whole_room = attends_over_whole_room(model)
-    # room for every new token, once; attended over whole, room grows as it fills (a task's limit, e.g. 128
-    # new tokens, is often several times what a batch writes)
-    new_tokens = generation_config.max_length - input_ids.shape[1]
-    room = min(new_tokens, ROOM_STEP) if whole_room else new_tokens
-    # rooms at their longest: a prompt-learning method's virtual tokens (cached before the prompt), the prompt and
-    # every new token; a pool short of the virtual tokens grew the rooms one position a step at the end, each time
-    # into a new buffer (over 24 GB for 256 rows of prefix tuning on the 30-layer model)
-    beginning = shared_beginning(model)
-    pool = RoomPool(generation_config.max_length + (beginning.length if beginning else 0))
-    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, room, pool, whole_room)
+    rooms = DecodingRooms.for_batch(model, input_ids, generation_config)
+    outputs = prefill_by_length(model, input_ids, generation_config, model_kwargs, rooms.room, rooms.pool,
+                                rooms.whole_room)
     if outputs is None:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
-        cache = outputs.get("cache")
-        if cache is not None:  # what the prefill cached, virtual tokens included (an encoder-decoder's prefix)
-            pool.positions = cache.get_seq_length() + new_tokens
-        # the decoding steps write into room reserved once, instead of copying the cache at every step
-        reserve_cache_room(cache, room, pool, whole_room)
+        rooms.reserve_after(outputs.get("cache"))
     steps = 0
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # each row's place in the whole batch
     whole = None  # the whole batch's ids, written as rows leave
@@ -733,21 +752,16 @@ def beam_search_with_shared_prefill(model, input_ids: torch.LongTensor, logits_p
     """
     prefill_every_row = model._prefill
     previous = vars(model).get("_prefill")  # normally none: the class's method
-    whole_room = attends_over_whole_room(model)
-    new_tokens = generation_config.max_length - input_ids.shape[1]
-    room = min(new_tokens, ROOM_STEP) if whole_room else new_tokens
-    pool = RoomPool()
+    rooms = DecodingRooms.for_batch(model, input_ids, generation_config)
 
     def prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True):
         outputs = _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_config, model_kwargs,
-                                           is_first_iteration, room, pool, whole_room)
+                                           is_first_iteration, rooms)
         if outputs is None:
             outputs = prefill_every_row(input_ids, generation_config, model_kwargs,
                                         is_first_iteration=is_first_iteration)
             cache = outputs.get("cache")
-            if cache is not None:  # rooms at their longest: what the prefill cached and every new token
-                pool.positions = cache.get_seq_length() + new_tokens
-                reserve_cache_room(cache, room, pool, whole_room)
+            rooms.reserve_after(cache)
             if isinstance(cache, EncoderDecoderCache):  # the cross-attention: each prompt's encoder output per beam
                 beams, layers = generation_config.num_beams, cache.cross_attention_cache.layers
                 layers[:] = [CopiesLayer.of(layer, beams) if type(layer) is DynamicLayer and layer.is_initialized
@@ -767,10 +781,10 @@ def beam_search_with_shared_prefill(model, input_ids: torch.LongTensor, logits_p
 
 
 def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_config, model_kwargs: dict,
-                             is_first_iteration: bool, room: int, pool: RoomPool, whole_room: bool):
+                             is_first_iteration: bool, rooms: DecodingRooms):
     """The prefill of a beam-expanded decoder-only batch computed on one copy of each prompt, then copied to its
-    beams: logits, and a cache whose layers hold each prompt's keys and values once per beam with room for ``room``
-    more positions (``RoomyLayer``, rooms from ``pool``). None where that is not sure to be the same computation:
+    beams: logits, and a cache whose layers hold each prompt's keys and values once per beam in ``rooms``
+    (``RoomyLayer``). None where that is not sure to be the same computation:
     an encoder-decoder (its encoder already runs once per prompt), inputs other than token ids, attention mask and
     position ids, input preparation replaced by a wrapper that did not say what it adds (a prompt-learning
     method's wrapper, whose virtual tokens are then added to each prompt once, says so:
@@ -788,9 +802,8 @@ def _prefill_once_per_prompt(model, prefill_every_row, input_ids, generation_con
     once = {**model_kwargs, **{key: model_kwargs[key][::beams] for key in per_row},
             "cache": DynamicCache(config=model.config)}
     outputs = prefill_every_row(input_ids[::beams], generation_config, once, is_first_iteration=True)
-    pool.positions = generation_config.max_length + (outputs["cache"].get_seq_length() - input_ids.shape[1])
-    cache.layers = [RoomyLayer.after(layer.keys, layer.values, room, whole_room, pool, copies=beams)
-                    for layer in outputs["cache"].layers]
+    cache.layers = [RoomyLayer.after(layer.keys, layer.values, rooms.room, rooms.whole_room, rooms.pool,
+                                     copies=beams) for layer in outputs["cache"].layers]
     outputs["logits"], outputs["cache"] = outputs.logits.repeat_interleave(beams, dim=0), cache
     return outputs
 
